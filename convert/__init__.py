@@ -1,0 +1,1 @@
+"""Checkpoint formats (GGUF import, AutoAWQ GEMM) and the `awq-jax` command line."""

@@ -1,0 +1,1 @@
+"""Pallas GPU kernels for grouped int4 dequantize-matmul."""
