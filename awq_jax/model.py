@@ -1,0 +1,279 @@
+"""The Llama-family decoder as Flax (linen) modules.
+
+One model covers Llama 2/3, Mistral, Qwen2 and Qwen3 through `ModelConfig` fields; module and
+parameter names follow the Hugging Face checkpoint names (``self_attn.q_proj``, ...) so the
+weight mapping stays a short table. Linear kernels are stored ``[in, out]``.
+
+Quantization replaces leaves of the params pytree and nothing else: a `Linear` kernel may be a
+float array, an `awq_jax.quantizer.QuantizedTensor` (evaluated by dequantizing: the fake-quant
+path) or a `pallas_kernels.Int4Weight` (the fast path); `awq_jax.linear.linear` routes it. For
+inference q/k/v and gate/up may be fused into ``qkv_proj`` / ``gate_up_proj`` (one kernel call
+each); the modules see which layout the params have.
+
+Axis letters in names and einsums: B batch, T query positions, S key positions, D model width,
+N query heads, K kv heads, G query heads per kv head, H head dim, F MLP width, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from awq_jax.config import ModelConfig, rope_inv_freq
+from awq_jax.linear import linear
+
+__all__ = [
+    "Attention",
+    "Block",
+    "KVCache",
+    "Transformer",
+    "causal_mask",
+    "forward",
+    "init_params",
+    "rope_cos_sin",
+]
+
+Params = dict[str, Any]
+KVCache = tuple[jax.Array, jax.Array]  # k, v: [L, B, S, K, H] (stacked) or [B, S, K, H]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in float32, cast back before the weight multiply (as transformers does)."""
+
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), x.dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale * y.astype(x.dtype)
+
+
+class Linear(nn.Module):
+    """``y = x @ kernel (+ bias)``; the kernel may be float or quantized (see module doc)."""
+
+    features: int
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.is_initializing():
+            kernel = self.param(
+                "kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), x.dtype
+            )
+        else:
+            kernel = self.get_variable("params", "kernel")
+        y = linear(x, kernel)
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), x.dtype)
+            y = y + bias.astype(y.dtype)
+        return y
+
+
+def _has_submodule_params(module: nn.Module, name: str) -> bool:
+    """Whether the params given to ``apply`` hold a child ``name`` (the fused layouts)."""
+    return not module.is_initializing() and name in module.variables.get("params", {})
+
+
+def rope_cos_sin(config: ModelConfig, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin ``[B, T, H]`` in float32 (HF rotate-half convention: frequencies repeated)."""
+    inv_freq = jnp.asarray(rope_inv_freq(config))
+    freqs_bth = positions_bt.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs_bth, freqs_bth], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def _apply_rope(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax.Array:
+    cos = cos_bth[:, :, None, :].astype(x_btnh.dtype)
+    sin = sin_bth[:, :, None, :].astype(x_btnh.dtype)
+    x1, x2 = jnp.split(x_btnh, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x_btnh * cos + rotated * sin
+
+
+def causal_mask(
+    q_index_bt: jax.Array, key_valid_bs: jax.Array, sliding_window: int | None = None
+) -> jax.Array:
+    """``[B, T, S]`` bool: query at cache index ``q`` sees valid keys at indices ``<= q``."""
+    s_idx = jnp.arange(key_valid_bs.shape[-1])
+    q = q_index_bt[:, :, None]
+    mask = (s_idx[None, None, :] <= q) & key_valid_bs[:, None, :]
+    if sliding_window is not None:
+        mask &= s_idx[None, None, :] > q - sliding_window
+    return mask
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query attention with RoPE and an optional KV cache."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x_btd: jax.Array,
+        cos_bth: jax.Array,
+        sin_bth: jax.Array,
+        mask_bts: jax.Array,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, KVCache | None]:
+        c = self.config
+        b, t, _ = x_btd.shape
+        nq, nk, h = c.num_heads, c.num_kv_heads, c.head_dim
+        if _has_submodule_params(self, "qkv_proj"):
+            qkv = Linear((nq + 2 * nk) * h, c.qkv_bias, name="qkv_proj")(x_btd)
+            q, k, v = jnp.split(qkv, [nq * h, (nq + nk) * h], axis=-1)
+        else:
+            q = Linear(nq * h, c.qkv_bias, name="q_proj")(x_btd)
+            k = Linear(nk * h, c.qkv_bias, name="k_proj")(x_btd)
+            v = Linear(nk * h, c.qkv_bias, name="v_proj")(x_btd)
+        q_btnh = q.reshape(b, t, nq, h)
+        k_btkh = k.reshape(b, t, nk, h)
+        v_btkh = v.reshape(b, t, nk, h)
+        if c.qk_norm:
+            q_btnh = RMSNorm(c.rms_norm_eps, name="q_norm")(q_btnh)
+            k_btkh = RMSNorm(c.rms_norm_eps, name="k_norm")(k_btkh)
+        q_btnh = _apply_rope(q_btnh, cos_bth, sin_bth)
+        k_btkh = _apply_rope(k_btkh, cos_bth, sin_bth)
+
+        if cache is not None:
+            k_cache, v_cache = cache
+            start = (0, cache_index, 0, 0)
+            k_bskh = jax.lax.dynamic_update_slice(k_cache, k_btkh.astype(k_cache.dtype), start)
+            v_bskh = jax.lax.dynamic_update_slice(v_cache, v_btkh.astype(v_cache.dtype), start)
+            cache = (k_bskh, v_bskh)
+        else:
+            k_bskh, v_bskh = k_btkh, v_btkh
+
+        q_btkgh = q_btnh.reshape(b, t, nk, c.q_per_kv, h)
+        logits = jnp.einsum(
+            "BTKGH,BSKH->BKGTS",
+            q_btkgh,
+            k_bskh.astype(q_btkgh.dtype),
+            preferred_element_type=jnp.float32,
+        ) * (h**-0.5)
+        logits = jnp.where(mask_bts[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v_bskh.dtype)
+        out_btkgh = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_bskh)
+        out_btd = out_btkgh.reshape(b, t, nq * h).astype(x_btd.dtype)
+        return Linear(c.hidden_size, c.o_bias, name="o_proj")(out_btd), cache
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        c = self.config
+        f = c.intermediate_size
+        if _has_submodule_params(self, "gate_up_proj"):
+            gate, up = jnp.split(Linear(2 * f, c.mlp_bias, name="gate_up_proj")(x_btd), 2, -1)
+        else:
+            gate = Linear(f, c.mlp_bias, name="gate_proj")(x_btd)
+            up = Linear(f, c.mlp_bias, name="up_proj")(x_btd)
+        return Linear(c.hidden_size, c.mlp_bias, name="down_proj")(nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """One decoder layer. Signature ``(x, cache, ...) -> (x, cache)`` so it scans over layers."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x_btd: jax.Array,
+        cache: KVCache | None,
+        cos_bth: jax.Array,
+        sin_bth: jax.Array,
+        mask_bts: jax.Array,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, KVCache | None]:
+        c = self.config
+        h = RMSNorm(c.rms_norm_eps, name="input_layernorm")(x_btd)
+        a, cache = Attention(c, name="self_attn")(h, cos_bth, sin_bth, mask_bts, cache, cache_index)
+        x_btd = x_btd + a
+        h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(x_btd)
+        return x_btd + MLP(c, name="mlp")(h), cache
+
+
+class Transformer(nn.Module):
+    """Embedding, the decoder layers (scanned: params stacked on a leading layer axis), logits."""
+
+    config: ModelConfig
+    dtype: Any = jnp.bfloat16  # parameter dtype at init; at apply the params' own dtype rules
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens_bt: jax.Array,
+        positions_bt: jax.Array,
+        mask_bts: jax.Array,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int = 0,
+        last_only: bool = False,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Logits ``[B, T, V]`` float32 (``[B, 1, V]`` for the last position if ``last_only``)."""
+        c = self.config
+        embed = nn.Embed(
+            c.vocab_size, c.hidden_size, param_dtype=self.dtype, dtype=None, name="embed_tokens"
+        )
+        x_btd = embed(tokens_bt)
+        cos, sin = rope_cos_sin(c, positions_bt)
+        layers = nn.scan(
+            Block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.num_layers,
+        )
+        x_btd, cache = layers(c, name="layers")(x_btd, cache, cos, sin, mask_bts, cache_index)
+        if last_only:
+            x_btd = x_btd[:, -1:]
+        x_btd = RMSNorm(c.rms_norm_eps, name="norm")(x_btd)
+        if c.tie_word_embeddings:
+            logits = embed.attend(x_btd)
+        else:
+            logits = Linear(c.vocab_size, name="lm_head")(x_btd)
+        return logits.astype(jnp.float32), cache
+
+
+def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> Params:
+    """Random parameters (tests and benchmarks; real weights come from `awq_jax.weights`)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    mask = jnp.ones((1, 1, 1), bool)
+    model = Transformer(config, dtype=dtype)
+    return model.init(rng, tokens, tokens, mask)["params"]
+
+
+def forward(
+    config: ModelConfig,
+    params: Params,
+    tokens_bt: jax.Array,
+    *,
+    key_valid_bt: jax.Array | None = None,
+) -> jax.Array:
+    """Logits ``[B, T, V]`` (float32) for whole sequences, no cache (evaluation, calibration).
+
+    ``key_valid_bt`` marks real tokens in left-padded batches (positions count real tokens).
+    """
+    b, t = tokens_bt.shape
+    if key_valid_bt is None:
+        key_valid_bt = jnp.ones((b, t), bool)
+    positions = jnp.maximum(jnp.cumsum(key_valid_bt, axis=-1) - 1, 0)
+    q_index = jnp.broadcast_to(jnp.arange(t), (b, t))
+    mask = causal_mask(q_index, key_valid_bt, config.sliding_window)
+    logits, _ = Transformer(config).apply({"params": params}, tokens_bt, positions, mask)
+    return logits
+
+
+def num_params(params: Params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

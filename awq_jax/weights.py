@@ -1,0 +1,263 @@
+"""Hugging Face checkpoint names <-> our param paths, and the strict safetensors loader.
+
+One table (`_RULES`) maps every HF tensor name to a param path. The loader fills a template
+made with ``jax.eval_shape`` (no allocation): every template leaf must be filled, every
+checkpoint tensor consumed or explicitly ignored, every shape asserted. Tensors are read one at
+a time from memory-mapped safetensors and each param leaf is moved to the device as soon as it
+is complete, so loading never holds two full copies of the weights.
+
+Pickle checkpoints (``pytorch_model.bin``) are refused: unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from awq_jax.config import ModelConfig
+from awq_jax.model import init_params
+
+__all__ = [
+    "CheckpointError",
+    "hf_name_to_path",
+    "load_params",
+    "params_to_hf",
+    "read_config",
+    "safetensors_files",
+]
+
+Params = dict[str, Any]
+
+# (HF name regex, param path below the root or below "layers", transpose torch [out, in]).
+_RULES: tuple[tuple[re.Pattern[str], tuple[str, ...], bool], ...] = tuple(
+    (re.compile(pattern), path, transpose)
+    for pattern, path, transpose in [
+        (r"model\.embed_tokens\.weight", ("embed_tokens", "embedding"), False),
+        (r"model\.norm\.weight", ("norm", "scale"), False),
+        (r"lm_head\.weight", ("lm_head", "kernel"), True),
+        (
+            r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
+            ("{1}", "scale"),
+            False,
+        ),
+        (
+            r"model\.layers\.(\d+)\.self_attn\.(q_norm|k_norm)\.weight",
+            ("self_attn", "{1}", "scale"),
+            False,
+        ),
+        (
+            r"model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight",
+            ("self_attn", "{1}", "kernel"),
+            True,
+        ),
+        (
+            r"model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.bias",
+            ("self_attn", "{1}", "bias"),
+            False,
+        ),
+        (
+            r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight",
+            ("mlp", "{1}", "kernel"),
+            True,
+        ),
+        (
+            r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.bias",
+            ("mlp", "{1}", "bias"),
+            False,
+        ),
+    ]
+)
+# Present in some checkpoints, never needed: recomputed buffers.
+_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be loaded; the message names the file or key."""
+
+
+def hf_name_to_path(name: str) -> tuple[tuple[str, ...], int | None, bool] | None:
+    """``(param path, layer index or None, transpose)`` for an HF tensor name, else None.
+
+    Layer params live under ``("layers", ...)`` with the layer index as the leading axis.
+    """
+    for pattern, path, transpose in _RULES:
+        m = pattern.fullmatch(name)
+        if m is None:
+            continue
+        resolved = tuple(p.format(*m.groups()) for p in path)
+        if name.startswith("model.layers."):
+            return ("layers", *resolved), int(m.group(1)), transpose
+        return resolved, None, transpose
+    return None
+
+
+def read_config(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    if not Path(model_dir).is_dir():
+        raise CheckpointError(f"model directory not found: {model_dir}")
+    if not path.is_file():
+        raise CheckpointError(f"missing config.json in {model_dir}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+
+
+def safetensors_files(model_dir: str | Path) -> list[Path]:
+    """The checkpoint's safetensors files (single file or the shards an index lists)."""
+    d = Path(model_dir)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (d / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists shards that are missing: {missing}")
+        return [d / n for n in names]
+    files = sorted(d.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in d.glob("*.bin")) + sorted(p.name for p in d.glob("*.pt"))
+    if pickles:
+        raise CheckpointError(
+            f"{d} holds only pickle checkpoints ({', '.join(pickles)}). They are never loaded "
+            "here: unpickling runs arbitrary code. Convert them once with transformers, e.g. "
+            "`AutoModelForCausalLM.from_pretrained(d).save_pretrained(out, "
+            "safe_serialization=True)`, and load the safetensors folder."
+        )
+    raise CheckpointError(f"no *.safetensors weights in {d}")
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {path} (truncated or corrupt?): {e}") from e
+
+
+def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, Path, Any]]:
+    """``(name, file, open handle)`` for every tensor of the checkpoint, file by file."""
+    for path in safetensors_files(model_dir):
+        f = _open(path)
+        for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            yield name, path, f
+
+
+def _get_path(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def load_params(model_dir: str | Path, config: ModelConfig, dtype=jnp.bfloat16) -> Params:
+    """Loads an unquantized HF safetensors checkpoint into our params pytree, strictly."""
+    template = jax.eval_shape(lambda: init_params(config, jax.random.key(0), dtype))
+    flat_template = {
+        tuple(k.key for k in path): leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(template)[0]
+    }
+    # Group the checkpoint's tensors by the param leaf they fill.
+    sources: dict[tuple[str, ...], list[tuple[str, Path, Any, int | None, bool]]] = {}
+    unexpected: list[str] = []
+    for name, path, f in iter_tensors(model_dir):
+        target = hf_name_to_path(name)
+        if target is None:
+            if not _IGNORED.fullmatch(name):
+                unexpected.append(f"{name} ({path.name})")
+            continue
+        param_path, layer, transpose = target
+        if param_path == ("lm_head", "kernel") and config.tie_word_embeddings:
+            continue  # a tied checkpoint may store the shared matrix twice
+        if param_path not in flat_template:
+            unexpected.append(f"{name} ({path.name})")
+            continue
+        sources.setdefault(param_path, []).append((name, path, f, layer, transpose))
+    if unexpected:
+        raise CheckpointError(
+            f"checkpoint tensors that this model ({config.model_type}) has no place for: "
+            f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
+        )
+
+    params: Params = {}
+    for param_path, spec in flat_template.items():
+        entries = sources.get(param_path, [])
+        stacked = param_path[0] == "layers"
+        expected = config.num_layers if stacked else 1
+        if len(entries) != expected:
+            raise CheckpointError(
+                f"{'/'.join(param_path)}: expected {expected} checkpoint tensor(s), found "
+                f"{len(entries)} in {model_dir}"
+            )
+        out = np.empty(spec.shape, dtype=np.dtype(spec.dtype))
+        for name, path, f, layer, transpose in entries:
+            try:
+                t = f.get_tensor(name)
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"cannot read {name} from {path}: {e}") from e
+            if transpose:
+                t = t.T
+            want = spec.shape[1:] if stacked else spec.shape
+            if t.shape != tuple(want):
+                raise CheckpointError(
+                    f"{name} in {path.name} has shape {tuple(t.shape)} "
+                    f"(transposed to [in, out]), but the config implies {tuple(want)}"
+                )
+            if stacked:
+                out[layer] = t
+            else:
+                out[...] = t
+        _set_path(params, param_path, jnp.asarray(out))
+        del out
+    return params
+
+
+def params_to_hf(params: Params, config: ModelConfig) -> dict[str, Any]:
+    """HF tensor names -> leaves (torch orientation for float kernels), layers unstacked.
+
+    Quantized kernels (`QuantizedTensor`, stored ``[in, out]`` like the AWQ GEMM format) are
+    returned under the module name (``model.layers.0.self_attn.q_proj``), not ``.weight``.
+    """
+    from awq_jax.quantizer import QuantizedTensor
+
+    out: dict[str, Any] = {}
+
+    def put(hf: str, leaf: Any, transpose: bool) -> None:
+        if isinstance(leaf, QuantizedTensor):
+            out[hf.removesuffix(".weight")] = leaf
+        else:
+            out[hf] = np.asarray(leaf).T if transpose else np.asarray(leaf)
+
+    put("model.embed_tokens.weight", params["embed_tokens"]["embedding"], False)
+    put("model.norm.weight", params["norm"]["scale"], False)
+    if not config.tie_word_embeddings:
+        put("lm_head.weight", params["lm_head"]["kernel"], True)
+    layers = params["layers"]
+    for i in range(config.num_layers):
+        layer = jax.tree.map(lambda a, i=i: a[i], layers)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            put(f"model.layers.{i}.{norm}.weight", layer[norm]["scale"], False)
+        for group, mods in layer.items():
+            if group not in ("self_attn", "mlp"):
+                continue
+            for mod, leaves in mods.items():
+                prefix = f"model.layers.{i}.{group}.{mod}"
+                if "scale" in leaves:
+                    put(f"{prefix}.weight", leaves["scale"], False)
+                if "kernel" in leaves:
+                    put(f"{prefix}.weight", leaves["kernel"], True)
+                if "bias" in leaves:
+                    put(f"{prefix}.bias", leaves["bias"], False)
+    return out

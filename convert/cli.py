@@ -1,0 +1,298 @@
+"""``awq-jax``: the command line. Each subcommand is a thin wrapper over one library call.
+
+A user mistake (bad path, bad option value, unsupported model, corrupt file) ends with one clear
+line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError)
+
+
+def _add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        metavar="DIR",
+        default=None,
+        help="Hugging Face model folder (float safetensors, or an AutoAWQ GEMM checkpoint). "
+        "Default: the bundled SmolLM2-135M-Instruct, converted once into the cache "
+        "($AWQ_JAX_CACHE, default ~/.cache/awq-jax).",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="parameter/activation dtype (auto: float32 on CPU, bfloat16 on GPU)",
+    )
+
+
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("quantization")
+    g.add_argument("--w-bit", type=int, default=4, help="bits per weight, 2..8 (default 4)")
+    g.add_argument(
+        "--group-size",
+        type=int,
+        default=64,
+        help="rows per quantization group along the input dim; must divide it; "
+        "-1 = per output channel (default 64: 128 does not divide SmolLM2's 576)",
+    )
+    g.add_argument(
+        "--no-zero-point",
+        action="store_true",
+        help="symmetric quantization instead of asymmetric with a zero point",
+    )
+    c = p.add_argument_group("calibration (AWQ)")
+    c.add_argument(
+        "--calib",
+        nargs="+",
+        metavar="FILE",
+        default=None,
+        help="calibration text files (.txt, or .jsonl with a 'text' field); default: "
+        "the bundled State of the Union speeches up to 1989",
+    )
+    c.add_argument("--n-samples", type=int, default=128, help="calibration samples (default 128)")
+    c.add_argument("--seqlen", type=int, default=512, help="tokens per calibration block")
+    c.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    s = p.add_argument_group("search (AWQ)")
+    s.add_argument(
+        "--duo-scaling",
+        default="true",
+        choices=["true", "false", "both"],
+        help="scale candidates x^r / w^(1-r) (AutoAWQ, default), x^r (paper), or both",
+    )
+    s.add_argument("--grid", type=int, default=20, help="ratio grid points (default 20)")
+    s.add_argument(
+        "--inclusive-grid",
+        action="store_true",
+        help="grid over [0, 1] inclusive (llm-compressor) instead of AutoAWQ's [0, 1)",
+    )
+    s.add_argument("--no-clip", action="store_true", help="skip the clip search")
+    s.add_argument(
+        "--gqa-vo",
+        action="store_true",
+        help="also smooth v->o on GQA models with a scale shared per kv head "
+        "(not in the reference implementations)",
+    )
+    s.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=None,
+        help="split calibration forwards into chunks of at most this many tokens "
+        "(bounds device memory on big models)",
+    )
+
+
+def _cmd_import_gguf(args: argparse.Namespace) -> None:
+    from convert.gguf import import_gguf
+
+    out = import_gguf(args.gguf, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {out}")
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from awq_jax.api import generate_text, load_model
+    from awq_jax.generate import Sampling
+
+    model = load_model(args.model, dtype=args.dtype)
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    t0 = time.perf_counter()
+    texts = generate_text(
+        model,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        chat=args.chat,
+        sampling=sampling,
+        seed=args.seed,
+    )
+    dt = time.perf_counter() - t0
+    for prompt, text in zip(args.prompt, texts, strict=True):
+        print(text if args.chat else prompt + text)
+    print(
+        f"[{len(texts)} x {args.max_new_tokens} tokens in {dt:.1f}s, compile included]",
+        file=sys.stderr,
+    )
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from awq_jax.api import load_model, model_perplexity
+
+    model = load_model(args.model, dtype=args.dtype)
+    if args.compare:
+        from awq_jax.pipeline import compare, format_compare_table, quant_settings_from_args
+
+        result = compare(
+            model, quant_settings_from_args(args), windows=args.windows, progress=not args.json
+        )
+        print(json.dumps(result, indent=2) if args.json else format_compare_table(result))
+        return
+    r = model_perplexity(model, windows=args.windows, progress=not args.json)
+    result = {
+        "model": str(model.path),
+        "windows": r["windows"],
+        "tokens": r["tokens"],
+        "seqlen": 512,
+        "results": {"fp": {"ppl": r["ppl"]}},
+    }
+    if model.quantization:
+        result["quantization"] = model.quantization
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(
+            f"{model.name}: perplexity {r['ppl']:.3f} over {r['windows']} windows "
+            f"of 512 tokens ({r['tokens']} predicted tokens)"
+        )
+
+
+def _cmd_quantize(args: argparse.Namespace) -> None:
+    from awq_jax.pipeline import quant_settings_from_args, quantize_model
+
+    from awq_jax.api import load_model
+
+    model = load_model(args.model, dtype=args.dtype)
+    qmodel = quantize_model(model, quant_settings_from_args(args), method=args.method)
+    if args.output:
+        from awq_jax.checkpoint import save_quantized
+
+        out = save_quantized(qmodel, args.output, overwrite=args.overwrite)
+        print(f"wrote {out}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from awq_jax.pipeline import run_demo
+
+    run_demo(n_samples=args.n_samples, windows=args.windows)
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from awq_jax.bench_generate import main as bench_main
+
+    bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="awq-jax",
+        description="AWQ (activation-aware 4-bit weight quantization) for Llama-family models "
+        "in JAX: import, quantize, evaluate, save AutoAWQ GEMM checkpoints, generate.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "import-gguf",
+        help="convert a llama-architecture GGUF into an HF folder",
+        description="Convert a llama-architecture GGUF file into a Hugging Face "
+        "folder (config.json, model.safetensors, tokenizer).",
+    )
+    p.add_argument("gguf", metavar="FILE", help="the .gguf file")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to create")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.set_defaults(func=_cmd_import_gguf)
+
+    p = sub.add_parser(
+        "generate",
+        help="generate text (greedy unless --temperature)",
+        description="Generate a continuation with one jit-compiled prefill + "
+        "decode loop. Greedy unless a temperature is given.",
+    )
+    p.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        metavar="TEXT",
+        help="prompt text (repeat for a batch)",
+    )
+    _add_model_arg(p)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser(
+        "eval",
+        help="perplexity on the held-out SOTU speeches (1990 on)",
+        description="Perplexity: SOTU speeches from 1990 on, non-overlapping "
+        "512-token windows, exp(mean NLL). With --compare: FP vs RTN "
+        "vs AWQ under the same quantization settings.",
+    )
+    _add_model_arg(p)
+    p.add_argument(
+        "--windows",
+        type=int,
+        default=None,
+        help="score only the first N windows (default: all full windows)",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="quantize with RTN and AWQ and print the FP / RTN / AWQ table",
+    )
+    _add_quant_args(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a model with AWQ or RTN, optionally save it",
+        description="Quantize the linear layers of a model (AWQ search or plain "
+        "round-to-nearest) and write an AutoAWQ GEMM checkpoint.",
+    )
+    _add_model_arg(p)
+    p.add_argument("--method", default="awq", choices=["awq", "rtn"])
+    p.add_argument(
+        "--output",
+        metavar="DIR",
+        default=None,
+        help="write an AutoAWQ GEMM checkpoint here (atomically)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    _add_quant_args(p)
+    p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser(
+        "demo",
+        help="the README demo: FP/RTN/AWQ table and a generated sample",
+        description="Quantize the bundled SmolLM2 with AWQ and RTN (w4, group "
+        "64), print the perplexity table and a generated sample.",
+    )
+    p.add_argument("--n-samples", type=int, default=32, help="calibration blocks of 512 tokens")
+    p.add_argument("--windows", type=int, default=32, help="evaluation windows of 512 tokens")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "bench",
+        help="GPU benchmarks (generate throughput, search time)",
+        description="Benchmarks on a GPU: jit generate with bf16 vs int4 weights "
+        "on an 8B-shaped random model, and the AWQ search time.",
+    )
+    p.add_argument("what", choices=["generate", "search"])
+    p.add_argument("--out", default="docs/benchmarks", help="folder for the JSON/markdown")
+    p.add_argument("--quick", action="store_true", help="fewer configurations (smoke test)")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except _USER_ERRORS as e:
+        print(f"awq-jax {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
