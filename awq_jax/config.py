@@ -207,7 +207,7 @@ class ModelConfig:
 
 
 def _parse_rope(cfg: dict[str, Any], take) -> tuple[float, RopeScaling | None]:
-    """``rope_theta`` + ``rope_scaling`` (transformers 4) or ``rope_parameters`` (transformers 5)."""
+    """``rope_theta`` + ``rope_scaling`` (transformers 4) or ``rope_parameters`` (5)."""
     params = take("rope_parameters", None)
     scaling = take("rope_scaling", None)
     theta = take("rope_theta", None)

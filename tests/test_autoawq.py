@@ -501,3 +501,94 @@ def test_reader_shard_problems(tmp_path):
     (out / "model.safetensors.index.json").unlink()
     with pytest.raises(CheckpointError, match=r"neither model\.safetensors nor"):
         load_checkpoint(out)
+
+
+# --------------------------------------------------------------------------------------
+# Cross-check with AutoAWQ 0.2.9 (tests/reference/autoawq_unpack.py, run in the refenv).
+#
+# AutoAWQ's dequantize_gemm computes `(iweight - izeros) * scales` with int8 codes and
+# float16 scales, i.e. the exact small integer times the float16 scale, rounded once to
+# float16 (the product of an integer below 16 and a float16 is exact in float32, so torch's
+# CPU float16 multiply rounds exactly once). QuantizedTensor.dequantize(float16) computes
+# the same product exactly in float32 and rounds once to float16: tolerance 0.
+
+
+def test_autoawq_unpacks_our_checkpoint(tmp_path):
+    from refenv import run_reference
+
+    tensors = {}
+    for i, (group, zero_point) in enumerate([(32, True), (64, False), (128, True)]):
+        w = jax.random.normal(jax.random.key(i), (256, 96 + 32 * i)) * 0.02
+        tensors[f"model.layers.{i}.mlp.up_proj"] = quantize(
+            w, group_size=group, zero_point=zero_point
+        )
+    # All nibble positions at the boundaries, with the sign bit of the words set.
+    q = np.tile(
+        np.array([[15, 0, 15, 0, 0, 15, 0, 15], [0] * 8, [15] * 8], np.uint8), (128 // 3 + 1, 12)
+    )[:128]
+    edge = QuantizedTensor(
+        q=q,
+        scales=np.full((2, 96), 0.5, np.float16),
+        zeros=np.tile(np.array([0, 15, 8, 1, 14, 7, 0, 15], np.uint8), (2, 12)),
+        bits=4,
+        group_size=64,
+    )
+    for group in (32, 64, 128):
+        # One config records one group size: a checkpoint per group size.
+        ckpt = {k: v for k, v in tensors.items() if v.group_size == group}
+        if group == 64:
+            ckpt["model.layers.9.self_attn.o_proj"] = edge
+        out = save_checkpoint(tmp_path / f"g{group}", ckpt, CONFIG, max_shard_bytes=20_000)
+        run_reference(
+            "autoawq_unpack.py", "unpack", str(out), str(tmp_path / f"ref{group}"), timeout=300
+        )
+        for name, qt in ckpt.items():
+            ref = tmp_path / f"ref{group}"
+            np.testing.assert_array_equal(
+                np.load(ref / f"{name}.iweight.npy"), np.asarray(qt.q), err_msg=name
+            )
+            np.testing.assert_array_equal(
+                np.load(ref / f"{name}.izeros.npy"), np.asarray(qt.zeros), err_msg=name
+            )
+            weight = np.load(ref / f"{name}.weight.npy")
+            assert weight.dtype == np.float16
+            ours = np.asarray(qt.dequantize(jnp.float16))
+            np.testing.assert_array_equal(
+                weight.view(np.uint16), ours.view(np.uint16), err_msg=name
+            )
+
+
+def test_we_load_a_checkpoint_packed_by_autoawq(tmp_path):
+    from refenv import run_reference
+
+    run_reference("autoawq_unpack.py", "pack", str(tmp_path / "third_party"), timeout=300)
+    ckpt, truth = tmp_path / "third_party" / "ckpt", tmp_path / "third_party" / "truth"
+    config, tensors = load_checkpoint(ckpt)
+    assert config["quantization_config"]["version"] == "GEMM"
+    modules = sorted(p.name.removesuffix(".q.npy") for p in truth.glob("*.q.npy"))
+    assert sorted(k for k, v in tensors.items() if isinstance(v, QuantizedTensor)) == modules
+    for name in modules:
+        qt = tensors[name]
+        assert qt.group_size == 64
+        np.testing.assert_array_equal(qt.q, np.load(truth / f"{name}.q.npy"), err_msg=name)
+        np.testing.assert_array_equal(qt.zeros, np.load(truth / f"{name}.zeros.npy"), err_msg=name)
+        np.testing.assert_array_equal(
+            qt.scales, np.load(truth / f"{name}.scales.npy"), err_msg=name
+        )
+    assert tensors["model.layers.0.self_attn.q_proj.bias"].dtype == np.float16
+    assert tensors["lm_head.weight"].shape == (32, 128)
+    # And AutoAWQ's own dequantization of its checkpoint equals ours, bit for bit.
+    run_reference("autoawq_unpack.py", "unpack", str(ckpt), str(tmp_path / "ref"), timeout=300)
+    for name in modules:
+        ref = np.load(tmp_path / "ref" / f"{name}.weight.npy")
+        ours = np.asarray(tensors[name].dequantize(jnp.float16))
+        np.testing.assert_array_equal(ref.view(np.uint16), ours.view(np.uint16), err_msg=name)
+    # Re-saving what we loaded reproduces AutoAWQ's packed words exactly.
+    again = save_checkpoint(tmp_path / "again", {k: tensors[k] for k in modules}, CONFIG)
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    with safe_open(again / "model.safetensors", framework="np") as ours_f:
+        for key in ours_f.keys():  # noqa: SIM118 (safe_open has no __contains__/__iter__)
+            with safe_open(ckpt / index[key], framework="np") as theirs:
+                np.testing.assert_array_equal(
+                    ours_f.get_tensor(key), theirs.get_tensor(key), err_msg=key
+                )

@@ -38,5 +38,7 @@ def build(cfg_dict: dict, out_dir: str, ids_path: str, logits_path: str) -> None
 
 
 if __name__ == "__main__":
-    for job in json.loads(open(sys.argv[1]).read()):
+    with open(sys.argv[1]) as f:
+        jobs = json.load(f)
+    for job in jobs:
         build(job["config"], job["out_dir"], job["ids"], job["logits"])
