@@ -52,7 +52,7 @@ __all__ = [
     "unpack_int4",
 ]
 
-AWQ_ORDER: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)
+AWQ_ORDER: tuple[int, ...] = (0, 2, 4, 6, 1, 3, 5, 7)
 """Nibble ``i`` of a packed word holds column ``8c + AWQ_ORDER[i]`` (spec section 6)."""
 
 _PACK = 8  # 4-bit values per int32 word
