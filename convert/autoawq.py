@@ -136,15 +136,14 @@ def unpack_int4(packed_kc: np.ndarray) -> np.ndarray:
 # Writing
 
 
-def _quantized_arrays(name: str, qt: QuantizedTensor) -> dict[str, np.ndarray]:
-    """The three GEMM tensors of one quantized linear, validated (spec section 6)."""
-    q_kn, zeros_gn = np.asarray(qt.q), np.asarray(qt.zeros)
-    scales_gn = np.asarray(qt.scales)
+def _check_quantized(name: str, qt: QuantizedTensor) -> None:
+    """What the GEMM format can hold (spec section 6); cheap, run before anything is written."""
     if qt.bits != _BITS:
         raise ValueError(f"{name}: the GEMM format holds 4-bit weights only, got bits={qt.bits}")
-    if q_kn.ndim != 2:
-        raise ValueError(f"{name}: quantized weight must be 2-D [in, out], got {q_kn.shape}")
-    k, n = q_kn.shape
+    q_shape, s_shape, z_shape = np.shape(qt.q), np.shape(qt.scales), np.shape(qt.zeros)
+    if len(q_shape) != 2:
+        raise ValueError(f"{name}: quantized weight must be 2-D [in, out], got {q_shape}")
+    k, n = q_shape
     g = qt.group_size
     if g <= 0 or k % g:
         raise ValueError(f"{name}: group size {g} does not divide the input dim {k}")
@@ -152,11 +151,12 @@ def _quantized_arrays(name: str, qt: QuantizedTensor) -> dict[str, np.ndarray]:
         raise ValueError(
             f"{name}: output dim {n} is not a multiple of 8 (the GEMM format packs 8 per int32)"
         )
-    if scales_gn.shape != (k // g, n) or zeros_gn.shape != (k // g, n):
+    if s_shape != (k // g, n) or z_shape != (k // g, n):
         raise ValueError(
-            f"{name}: scales {scales_gn.shape} / zeros {zeros_gn.shape} do not match "
+            f"{name}: scales {s_shape} / zeros {z_shape} do not match "
             f"[{k // g}, {n}] for weight [{k}, {n}] and group size {g}"
         )
+    scales_gn = np.asarray(qt.scales)
     scales16 = scales_gn.astype(np.float16)
     if not np.all(np.isfinite(scales16)) or not np.array_equal(
         scales16.astype(np.float32), scales_gn.astype(np.float32)
@@ -165,18 +165,25 @@ def _quantized_arrays(name: str, qt: QuantizedTensor) -> dict[str, np.ndarray]:
             f"{name}: scales ({scales_gn.dtype}) are not exactly representable in float16, the "
             "dtype the GEMM format stores; quantize with scale_dtype=float16"
         )
+
+
+def _check_plain(name: str, x: Any) -> None:
+    dtype = np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
+    if not (np.issubdtype(dtype, np.floating) or dtype == _DTYPES["bfloat16"]):
+        raise ValueError(f"{name}: expected a floating-point tensor, got {dtype}")
+
+
+def _quantized_arrays(name: str, qt: QuantizedTensor) -> dict[str, np.ndarray]:
+    """The three GEMM tensors of one quantized linear (checked by ``_check_quantized``)."""
     return {
-        f"{name}.qweight": pack_int4(q_kn),
-        f"{name}.qzeros": pack_int4(zeros_gn),
-        f"{name}.scales": scales16,
+        f"{name}.qweight": pack_int4(np.asarray(qt.q)),
+        f"{name}.qzeros": pack_int4(np.asarray(qt.zeros)),
+        f"{name}.scales": np.asarray(qt.scales).astype(np.float16),
     }
 
 
-def _plain_array(name: str, x: Any, dtype: np.dtype) -> np.ndarray:
-    x = np.asarray(x)
-    if not (np.issubdtype(x.dtype, np.floating) or x.dtype == _DTYPES["bfloat16"]):
-        raise ValueError(f"{name}: expected a floating-point tensor, got {x.dtype}")
-    return np.ascontiguousarray(x.astype(dtype))
+def _plain_array(x: Any, dtype: np.dtype) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(x).astype(dtype))
 
 
 def _stored_nbytes(x: Any, dtype: np.dtype) -> int:
@@ -227,7 +234,8 @@ def _quantization_config(tensors: Mapping[str, Any], zero_point: bool | None) ->
     }
 
 
-def _check_keys(tensors: Mapping[str, Any]) -> None:
+def _check_tensors(tensors: Mapping[str, Any]) -> None:
+    """Names and contents, all checked before the first byte is written."""
     stored: dict[str, str] = {}
     for key, value in tensors.items():
         if isinstance(value, QuantizedTensor):
@@ -237,8 +245,10 @@ def _check_keys(tensors: Mapping[str, Any]) -> None:
                     f"{key.removesuffix('.weight')!r}); '.qweight/.qzeros/.scales' are appended"
                 )
             names = [f"{key}.{s}" for s in _SUFFIXES]
+            _check_quantized(key, value)
         else:
             names = [key]
+            _check_plain(key, value)
         for name in names:
             if name in stored:
                 raise ValueError(
@@ -310,7 +320,7 @@ def save_checkpoint(
     if src is not None and not src.is_dir():
         raise FileNotFoundError(f"copy_files_from={src} is not a directory")
     _check_destination(out, overwrite)
-    _check_keys(tensors)
+    _check_tensors(tensors)
     np_dtype = _DTYPES[dtype]
     config_out = {
         **dict(config),
@@ -352,7 +362,7 @@ def _write_weights(
             if isinstance(value, QuantizedTensor):
                 arrays.update(_quantized_arrays(key, value))
             else:
-                arrays[key] = _plain_array(key, value, np_dtype)
+                arrays[key] = _plain_array(value, np_dtype)
         save_file(arrays, tmp / fname, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(arrays, fname))
         del arrays

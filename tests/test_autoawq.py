@@ -333,7 +333,11 @@ def _qt(k=128, n=64, group=64, bits=4) -> QuantizedTensor:
         ),
     ],
 )
-def test_writer_validation(tmp_path, tensors, match):
+def test_writer_validation(tmp_path, monkeypatch, tensors, match):
+    def no_temp_dir(*args, **kwargs):
+        raise AssertionError("validation must happen before anything is written")
+
+    monkeypatch.setattr(autoawq.tempfile, "mkdtemp", no_temp_dir)
     with pytest.raises(ValueError, match=match):
         save_checkpoint(tmp_path / "ckpt", tensors, CONFIG)
     assert list(tmp_path.iterdir()) == []
