@@ -166,7 +166,7 @@ def import_gguf(
         _write_json(tmp / "tokenizer_config.json", tokenizer_config)
         _write_safetensors(
             tmp / "model.safetensors",
-            _iter_hf_tensors(reader, plan, config),
+            _iter_hf_tensors(plan, config),
             [(hf, shape) for _, hf, shape in plan],
             dtype,
             progress=progress,
@@ -329,10 +329,9 @@ def _tensor_plan(
 
 
 def _iter_hf_tensors(
-    reader: GGUFReader, plan: list[tuple[Any, str, tuple[int, ...]]], config: dict[str, Any]
+    plan: list[tuple[Any, str, tuple[int, ...]]], config: dict[str, Any]
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (HF name, float32 array in HF [out, in] layout), one tensor at a time."""
-    del reader
     for t, hf, shape in plan:
         w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
         if t.name.endswith(".attn_q.weight"):
