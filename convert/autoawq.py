@@ -80,7 +80,15 @@ _COPIED_FILES = (
 
 # AutoAWQ's other on-disk layouts (spec section 6: "Other layouts exist"); named so the
 # error can say "not supported" instead of "unknown".
-_UNSUPPORTED_VERSIONS = ("gemv", "gemv_fast", "marlin", "exllama", "exllamav2", "ipex")
+_UNSUPPORTED_VERSIONS = (
+    "gemv",
+    "gemv_fast",
+    "llm-awq",
+    "marlin",
+    "exllama",
+    "exllamav2",
+    "ipex",
+)
 _DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
@@ -398,7 +406,8 @@ def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
 def _quant_params(config: Mapping[str, Any], where: Path) -> tuple[int, int | None]:
     """Validates ``quantization_config``; returns ``(bits, group_size or None)``.
 
-    Accepts AutoAWQ's own spellings ``w_bit`` / ``q_group_size`` (which vLLM also reads).
+    Accepts AutoAWQ's own spellings ``w_bit`` / ``q_group_size`` (which vLLM also reads) and
+    transformers' ``format`` for ``version``; a missing version means ``gemm`` (their default).
     """
     qc = config.get("quantization_config")
     if not isinstance(qc, Mapping):
@@ -409,16 +418,16 @@ def _quant_params(config: Mapping[str, Any], where: Path) -> tuple[int, int | No
             f"{where}: quantization_config.quant_method is {qc.get('quant_method')!r}, "
             "expected 'awq'"
         )
-    version = str(qc.get("version", "gemm")).lower()
+    # AutoAWQ writes "version"; transformers >= 5 writes "format" (and "version" alongside).
+    raw = next((qc[k] for k in ("version", "format") if qc.get(k) is not None), "gemm")
+    version = str(raw).lower()
     if version in _UNSUPPORTED_VERSIONS:
         raise CheckpointError(
-            f"{where}: AWQ version {qc['version']!r} is not supported, only 'gemm' (the layout "
-            "vLLM and transformers load); re-export the model with version='gemm'"
+            f"{where}: AWQ version {raw!r} is not supported, only 'gemm' (the layout vLLM and "
+            "transformers load); re-export the model with version='gemm'"
         )
     if version != "gemm":
-        raise CheckpointError(
-            f"{where}: unknown AWQ version {qc['version']!r}, only 'gemm' is supported"
-        )
+        raise CheckpointError(f"{where}: unknown AWQ version {raw!r}, only 'gemm' is supported")
     bits = qc.get("bits", qc.get("w_bit", _BITS))
     if bits != _BITS:
         raise CheckpointError(

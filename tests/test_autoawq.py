@@ -6,6 +6,7 @@
   autoawq_unpack.py): its unpack/dequantize of our checkpoints, and our loading of a
   checkpoint packed by its `WQLinear_GEMM.from_linear`. Tolerance 0: the integer codes are
   compared exactly, and both sides compute `(q - z) * s` in float16 with a single rounding.
+  And transformers 5.23 parses our config.json into an AwqConfig (gemm, bits, group size).
 """
 
 from __future__ import annotations
@@ -448,6 +449,7 @@ def _replace(key, value):
         (lambda a: a, {"version": "gemv"}, "'gemv' is not supported, only 'gemm'"),
         (lambda a: a, {"version": "GEMV_FAST"}, "'GEMV_FAST' is not supported, only 'gemm'"),
         (lambda a: a, {"version": "tinychat2"}, "unknown AWQ version 'tinychat2'"),
+        (lambda a: a, {"version": None, "format": "llm-awq"}, "'llm-awq' is not supported"),
         (lambda a: a, {"quant_method": "gptq"}, "quant_method is 'gptq', expected 'awq'"),
         (lambda a: a, {"group_size": 0}, "invalid group_size 0"),
     ],
@@ -596,3 +598,31 @@ def test_we_load_a_checkpoint_packed_by_autoawq(tmp_path):
                 np.testing.assert_array_equal(
                     ours_f.get_tensor(key), theirs.get_tensor(key), err_msg=key
                 )
+
+
+def test_transformers_parses_our_config(tmp_path):
+    from refenv import run_reference
+
+    tensors = {"model.layers.0.mlp.up_proj": _qt(k=128, n=64, group=64)}
+    config = {
+        "model_type": "llama",
+        "hidden_size": 128,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "vocab_size": 32,
+    }
+    out = save_checkpoint(tmp_path / "ckpt", tensors, config, dtype="bfloat16")
+    run_reference(
+        "autoawq_unpack.py", "hf-config", str(out), str(tmp_path / "hf.json"), timeout=300
+    )
+    assert json.loads((tmp_path / "hf.json").read_text()) == {
+        "model_type": "llama",
+        "dtype": "bfloat16",
+        "bits": 4,
+        "group_size": 64,
+        "zero_point": True,
+        "format": "gemm",
+        "quant_method": "awq",
+    }

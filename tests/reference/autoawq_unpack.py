@@ -16,6 +16,9 @@ package's modules are loaded from its installed files under stub parent packages
         AutoAWQ's quantizer uses to write checkpoints), saved with safetensors.torch in the
         AutoAWQ/transformers layout (two shards + index, AutoAWQ's config spellings).
         The ground truth goes to OUT_DIR/truth/<m>.{q,zeros,scales}.npy.
+
+    python autoawq_unpack.py hf-config CKPT_DIR OUT_JSON
+        What transformers 5.23 parses from the checkpoint's config.json (AutoConfig, AwqConfig).
 """
 
 from __future__ import annotations
@@ -159,6 +162,24 @@ def pack(out: Path) -> None:
     (ckpt / "config.json").write_text(json.dumps(config))
 
 
+def hf_config(ckpt: Path, out_json: Path) -> None:
+    """What transformers makes of our config.json: AutoConfig, then its AwqConfig."""
+    from transformers import AutoConfig, AwqConfig
+
+    config = AutoConfig.from_pretrained(ckpt)
+    qc = AwqConfig.from_dict(config.quantization_config)
+    parsed = {
+        "model_type": config.model_type,
+        "dtype": str(config.dtype).removeprefix("torch."),
+        "bits": qc.bits,
+        "group_size": qc.group_size,
+        "zero_point": qc.zero_point,
+        "format": str(getattr(qc.format, "value", qc.format)),
+        "quant_method": str(getattr(qc.quant_method, "value", qc.quant_method)),
+    }
+    out_json.write_text(json.dumps(parsed))
+
+
 def main(argv: list[str]) -> None:
     _check_version()
     torch.set_num_threads(1)
@@ -166,6 +187,8 @@ def main(argv: list[str]) -> None:
         unpack(Path(argv[1]), Path(argv[2]))
     elif len(argv) == 2 and argv[0] == "pack":
         pack(Path(argv[1]))
+    elif len(argv) == 3 and argv[0] == "hf-config":
+        hf_config(Path(argv[1]), Path(argv[2]))
     else:
         raise SystemExit(__doc__)
 
