@@ -539,17 +539,18 @@ def test_autoawq_unpacks_our_checkpoint(tmp_path):
         bits=4,
         group_size=64,
     )
+    jobs = {}
     for group in (32, 64, 128):
         # One config records one group size: a checkpoint per group size.
         ckpt = {k: v for k, v in tensors.items() if v.group_size == group}
         if group == 64:
             ckpt["model.layers.9.self_attn.o_proj"] = edge
         out = save_checkpoint(tmp_path / f"g{group}", ckpt, CONFIG, max_shard_bytes=20_000)
-        run_reference(
-            "autoawq_unpack.py", "unpack", str(out), str(tmp_path / f"ref{group}"), timeout=300
-        )
+        jobs[tmp_path / f"ref{group}"] = (out, ckpt)
+    args = [str(p) for ref, (out, _) in jobs.items() for p in (out, ref)]
+    run_reference("autoawq_unpack.py", "unpack", *args, timeout=300)
+    for ref, (_, ckpt) in jobs.items():
         for name, qt in ckpt.items():
-            ref = tmp_path / f"ref{group}"
             np.testing.assert_array_equal(
                 np.load(ref / f"{name}.iweight.npy"), np.asarray(qt.q), err_msg=name
             )

@@ -4,7 +4,7 @@ Run by tests/test_autoawq.py with the refenv python (`make refenv`); it never im
 AutoAWQ is installed with --no-deps, so `import awq` fails on its missing dependencies: the
 package's modules are loaded from its installed files under stub parent packages instead.
 
-    python autoawq_unpack.py unpack CKPT_DIR OUT_DIR
+    python autoawq_unpack.py unpack CKPT_DIR OUT_DIR [CKPT_DIR OUT_DIR ...]
         For every `<m>.qweight` in the checkpoint (single file or shards), AutoAWQ's
         `unpack_awq` + `reverse_awq_order` (+ the `& 0xF` of its `dequantize_gemm`) give the
         integer codes and zero points, and `dequantize_gemm` gives the float16 weight
@@ -38,10 +38,15 @@ from safetensors.torch import save_file
 
 def _import_awq(module: str):
     """Imports `awq.<...>` without running awq/__init__.py (which needs the skipped deps)."""
-    spec = importlib.util.find_spec("awq")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("autoawq is not installed in this environment (make refenv)")
-    root = Path(next(iter(spec.submodule_search_locations)))
+    if module in sys.modules:
+        return sys.modules[module]
+    if "awq" in sys.modules:
+        root = Path(sys.modules["awq"].__path__[0])
+    else:
+        spec = importlib.util.find_spec("awq")
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit("autoawq is not installed in this environment (make refenv)")
+        root = Path(next(iter(spec.submodule_search_locations)))
     parts = module.split(".")
     for i in range(1, len(parts)):
         name = ".".join(parts[:i])
@@ -183,8 +188,9 @@ def hf_config(ckpt: Path, out_json: Path) -> None:
 def main(argv: list[str]) -> None:
     _check_version()
     torch.set_num_threads(1)
-    if len(argv) == 3 and argv[0] == "unpack":
-        unpack(Path(argv[1]), Path(argv[2]))
+    if len(argv) >= 3 and len(argv) % 2 == 1 and argv[0] == "unpack":
+        for ckpt, out in zip(argv[1::2], argv[2::2], strict=True):
+            unpack(Path(ckpt), Path(out))
     elif len(argv) == 2 and argv[0] == "pack":
         pack(Path(argv[1]))
     elif len(argv) == 3 and argv[0] == "hf-config":
