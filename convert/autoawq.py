@@ -339,8 +339,12 @@ def save_checkpoint(
         config_out["dtype"] = dtype
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # mkdtemp makes a private (0700) directory; the checkpoint inside it is made by os.mkdir,
+    # so it gets the user's usual permissions once renamed into place.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging / out.name
     try:
+        tmp.mkdir()
         _write_weights(tmp, tensors, np_dtype, max_shard_bytes)
         if src is not None:
             for name in _COPIED_FILES:
@@ -349,9 +353,8 @@ def save_checkpoint(
         # config.json last: a leftover temp directory never looks like a finished checkpoint.
         (tmp / CONFIG_NAME).write_text(json.dumps(config_out, indent=2) + "\n")
         _replace_dir(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
@@ -385,7 +388,7 @@ def _write_weights(
 def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
     """Renames ``tmp`` to ``out``; an existing ``out`` is moved aside first, then deleted."""
     if not (out.exists() or out.is_symlink()):
-        os.rename(tmp, out)  # fails (does not clobber) if out appeared meanwhile
+        os.rename(tmp, out)  # never clobbers a non-empty directory created meanwhile
         return
     _check_destination(out, overwrite)
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))

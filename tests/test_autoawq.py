@@ -257,6 +257,8 @@ def test_existing_output_is_refused_without_overwrite(tmp_path):
     assert (out / "model.safetensors").read_bytes() != before
     _assert_same(_weights(3, 64, True), load_checkpoint(out)[1], np.dtype(np.float16))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp dirs left
+    (tmp_path / "probe").mkdir()  # the user's usual permissions, not mkdtemp's 0700
+    assert out.stat().st_mode & 0o777 == (tmp_path / "probe").stat().st_mode & 0o777
 
 
 def test_overwrite_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
