@@ -27,8 +27,11 @@ from awq_jax.config import ModelConfig, rope_inv_freq
 from awq_jax.linear import linear
 
 __all__ = [
+    "MLP",
     "Attention",
     "Block",
+    "Linear",
+    "RMSNorm",
     "KVCache",
     "Transformer",
     "causal_mask",
@@ -68,6 +71,8 @@ class Linear(nn.Module):
             )
         else:
             kernel = self.get_variable("params", "kernel")
+        # Recorded only when "intermediates" is mutable (the AWQ search's capture pass).
+        self.sow("intermediates", "input", x)
         y = linear(x, kernel)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), x.dtype)

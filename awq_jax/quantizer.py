@@ -48,17 +48,20 @@ class QuantizedTensor:
     group_size: int = dataclasses.field(metadata={"static": True})
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.q.shape)  # type: ignore[return-value]
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.q.shape)
 
     def dequantize(self, dtype: jnp.dtype = jnp.float32) -> jax.Array:
-        """``(q - zeros) * scales`` in float32, cast to ``dtype``."""
-        k, n = self.q.shape
+        """``(q - zeros) * scales`` in float32, cast to ``dtype``.
+
+        Leading axes (e.g. the stacked layer axis) are carried through.
+        """
+        *lead, k, n = self.q.shape
         g = self.group_size
-        q_gsn = self.q.reshape(k // g, g, n).astype(jnp.float32)
-        z_g1n = self.zeros.astype(jnp.float32)[:, None, :]
-        s_g1n = self.scales.astype(jnp.float32)[:, None, :]
-        return ((q_gsn - z_g1n) * s_g1n).reshape(k, n).astype(dtype)
+        q_gsn = self.q.reshape(*lead, k // g, g, n).astype(jnp.float32)
+        z_g1n = self.zeros.astype(jnp.float32)[..., None, :]
+        s_g1n = self.scales.astype(jnp.float32)[..., None, :]
+        return ((q_gsn - z_g1n) * s_g1n).reshape(*lead, k, n).astype(dtype)
 
 
 def resolve_group_size(group_size: int, in_features: int) -> int:

@@ -156,7 +156,8 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     from awq_jax.api import load_model
 
     model = load_model(args.model, dtype=args.dtype)
-    qmodel = quantize_model(model, quant_settings_from_args(args), method=args.method)
+    settings, calib = quant_settings_from_args(args)
+    qmodel = quantize_model(model, settings, method=args.method, calib=calib)
     if args.output:
         from awq_jax.checkpoint import save_quantized
 
