@@ -1,0 +1,358 @@
+"""Benchmark: int4 kernels vs bf16 ``jnp.dot`` on Llama-3 layer shapes (KERNELS.md method).
+
+    python -m pallas_kernels.bench                       # full table -> docs/benchmarks/
+    python -m pallas_kernels.bench --shapes 8b --ms 1,16 --out-dir /tmp/b
+    python -m pallas_kernels.bench --sweep triton ...    # time Triton configs (tuning)
+
+Method: CUPTI kernel time (``profiler.measure``) of a jitted function that runs the
+matmul once per weight set, over >= 4 distinct weight sets totalling > 200 MB (so each
+call reads HBM, not the 50 MB L2), median of >= 20 iterations after a warm-up,
+divided by the number of sets. Every implementation is checked against an f32
+reference on random data (fresh per shape) before it is timed; records carry the
+relative error. Writes ``kernels-h100.json`` (records ``{k, n, m, impl, us,
+rel_err}``), ``kernels-h100.md`` and ``kernels-h100.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import api, pallas_triton
+from pallas_kernels.layout import Int4Weight, prepare_weight
+from pallas_kernels.reference import dequantize
+
+SHAPES = {
+    "8b": [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)],
+    "70b": [(8192, 10240), (8192, 8192), (8192, 57344), (28672, 8192)],
+    "key": [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)],
+}
+MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
+MIN_SET_BYTES = 200e6
+MAX_REL_ERR = 1e-2
+
+
+@dataclasses.dataclass
+class Problem:
+    """Weight sets for one (K, N) layer shape, on device."""
+
+    k: int
+    n: int
+    group_size: int
+    w4: list[Int4Weight]
+    w16_kn: list[jax.Array]
+    ref_w_nk: jax.Array  # f32 dequantized weight of set 0, for the correctness check
+
+
+def make_problem(k: int, n: int, group_size: int, seed: int) -> Problem:
+    """Random codes, scales and zero points; as many sets as the L2-defeating rule needs."""
+    nbytes4 = k * n // 2 + 4 * (k // group_size) * n
+    sets4 = max(4, math.ceil(MIN_SET_BYTES / nbytes4))
+    sets16 = max(4, math.ceil(MIN_SET_BYTES / (2 * k * n)))
+
+    @jax.jit
+    def one(key):
+        kq, ks, kz = jax.random.split(key, 3)
+        q = jax.random.randint(kq, (k, n), 0, 16, jnp.int32).astype(jnp.uint8)
+        s = jax.random.uniform(ks, (k // group_size, n), jnp.float32, 0.5, 1.5) / 64
+        z = jax.random.randint(kz, (k // group_size, n), 0, 16, jnp.int32).astype(jnp.uint8)
+        return prepare_weight(q, s.astype(jnp.float16), z, group_size=group_size)
+
+    keys = jax.random.split(jax.random.key(seed), max(sets4, sets16))
+    w4 = [one(kk) for kk in keys[:sets4]]
+    to16 = jax.jit(lambda w: dequantize(w, jnp.bfloat16).T)
+    w16 = [to16(w4[i % sets4]) for i in range(sets16)]
+    # Distinct bf16 sets even where they share int4 codes: add a tiny per-set offset.
+    w16 = [w + jnp.bfloat16(i * 2**-10) for i, w in enumerate(w16)]
+    ref = jax.jit(lambda w: dequantize(w, jnp.float32))(w4[0])
+    return Problem(k, n, group_size, w4, w16, ref)
+
+
+def make_xs(m: int, k: int, count: int, seed: int) -> list[jax.Array]:
+    keys = jax.random.split(jax.random.key(seed), count)
+    return [jax.random.normal(kk, (m, k), jnp.float32).astype(jnp.bfloat16) for kk in keys]
+
+
+def rel_err(out: jax.Array, ref: jax.Array) -> float:
+    out = np.asarray(out, np.float64)
+    ref = np.asarray(ref, np.float64)
+    if not np.all(np.isfinite(out)):
+        return float("inf")
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def time_us(fn, xs: list[jax.Array], ws: list, iterations: int = 20) -> tuple[float, dict]:
+    """Median CUPTI time of one ``fn(x, w)``, rotating over the weight sets.
+
+    Also returns one iteration's per-kernel split (kernel name -> us per call).
+    """
+    from jax.experimental.mosaic.gpu import profiler
+
+    count = len(ws)
+    xs = [xs[i % len(xs)] for i in range(count)]
+    batched = jax.jit(lambda xs, ws: [fn(x, w) for x, w in zip(xs, ws, strict=True)])
+    jax.block_until_ready(batched(xs, ws))  # compile + warm-up
+    _, times_ms = profiler.measure(batched, iterations=iterations)(xs, ws)
+    _, kernels = profiler.measure(batched, aggregate=False)(xs, ws)
+    per_kernel: dict[str, float] = {}
+    for name, ms in kernels or []:
+        per_kernel[name[:40]] = per_kernel.get(name[:40], 0.0) + 1e3 * ms / count
+    return 1e3 * statistics.median(times_ms) / count, per_kernel
+
+
+def _bf16_dot(x_mk: jax.Array, w_kn: jax.Array) -> jax.Array:
+    return jnp.dot(x_mk, w_kn, preferred_element_type=jnp.float32).astype(x_mk.dtype)
+
+
+def impl_fns(names: list[str]) -> dict:
+    """name -> (fn(x, w), uses_bf16_weights)."""
+    table = {
+        "bf16": (_bf16_dot, True),
+        "xla_int4": (lambda x, w: api.int4_matmul(x, w, implementation="xla"), False),
+        "triton": (lambda x, w: api.int4_matmul(x, w, implementation="triton"), False),
+        "mosaic": (lambda x, w: api.int4_matmul(x, w, implementation="mosaic"), False),
+        "auto": (lambda x, w: api.int4_matmul(x, w), False),
+        "xla_materialized": (_xla_materialized, False),
+    }
+    return {n: table[n] for n in names}
+
+
+def measure_one(p: Problem, m: int, name: str, fn, bf16_weights: bool, seed: int) -> dict:
+    ws = p.w16_kn if bf16_weights else p.w4
+    xs = make_xs(m, p.k, 4, seed)
+    rec = {"k": p.k, "n": p.n, "m": m, "impl": name, "us": None, "rel_err": None}
+    try:
+        out = jax.jit(fn)(xs[0], ws[0])
+        ref_w = p.w16_kn[0].astype(jnp.float32).T if bf16_weights else p.ref_w_nk
+        ref = jnp.dot(xs[0].astype(jnp.float32), ref_w.T, precision="highest")
+        rec["rel_err"] = rel_err(out, ref)
+        if not rec["rel_err"] < MAX_REL_ERR:
+            rec["error"] = f"rel_err {rec['rel_err']:.3g} >= {MAX_REL_ERR}"
+            return rec
+        rec["us"], rec["kernels"] = time_us(fn, xs, ws)
+    except NotImplementedError as e:
+        rec["error"] = f"NotImplementedError: {e}"[:300]
+    except Exception as e:  # a compile failure of one variant must not end the run
+        rec["error"] = f"{type(e).__name__}: {e}"[:300]
+    return rec
+
+
+def sweep_configs(m: int, k: int, n: int, gs: int) -> list[pallas_triton.Config]:
+    """Triton configs to time in --sweep triton mode (a small grid around the heuristic)."""
+    cfgs = []
+    if m <= 16:
+        for bn in (64, 128):
+            for rows in (512, 1024, 2048):
+                for st in (3, 5):
+                    for swap in (False, True):
+                        cfgs.append((16, bn, rows, st, swap, True, 4))
+    elif m <= 64:
+        for bn in (64, 128):
+            for rows in (1024, 2048):
+                for sad in (True, False):
+                    for swap in (False, True):
+                        cfgs.append((64, bn, rows, 3, swap, sad, 4))
+    else:
+        for bm in (64, 128):
+            for st in (3, 4):
+                for nw in (4, 8):
+                    cfgs.append((bm, 128, k, st, False, True, nw))
+    out = []
+    for bm, bn, rows, st, swap, sad, nw in cfgs:
+        if k % rows or rows > k:
+            continue
+        cfg = pallas_triton.Config(
+            block_m=bm,
+            block_n=bn,
+            split_k=k // rows,
+            num_warps=nw,
+            num_stages=st,
+            swap=swap,
+            scale_after_dot=sad,
+        )
+        try:
+            pallas_triton.check_supported(_FakeW(k, n, gs), cfg)
+        except NotImplementedError:
+            continue
+        out.append(cfg)
+    return out
+
+
+def _xla_materialized(x_mk: jax.Array, w: Int4Weight) -> jax.Array:
+    """Dequantize to a bf16 weight in HBM (not fused into the dot), then cuBLAS."""
+    w_nk = jax.lax.optimization_barrier(dequantize(w, x_mk.dtype))
+    y = jnp.einsum("mk,nk->mn", x_mk, w_nk, preferred_element_type=jnp.float32)
+    return y.astype(x_mk.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FakeW:
+    k: int
+    n: int
+    group_size: int
+
+
+def write_outputs(records: list[dict], out_dir: pathlib.Path, command: str) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "kernels-h100.json").write_text(json.dumps(records, indent=1))
+    table = markdown_table(records)
+    dev = jax.devices()[0].device_kind
+    md = (
+        f"# int4 dequantize-matmul vs bf16 on {dev}\n\n"
+        f"Produced by `{command}` (CUPTI kernel time, median of 20, rotating weight "
+        "sets > 200 MB, group size 128, random data; see KERNELS.md).\n\n"
+        "Times in microseconds; `x` = bf16 time / int4 time (higher is better).\n\n" + table
+    )
+    (out_dir / "kernels-h100.md").write_text(md)
+    try:
+        plot(records, out_dir / "kernels-h100.png")
+    except Exception as e:  # matplotlib missing on the device image
+        print(f"plot skipped: {e}", file=sys.stderr)
+    return table
+
+
+def markdown_table(records: list[dict]) -> str:
+    impls = [
+        i
+        for i in ("bf16", "xla_int4", "triton", "mosaic", "auto")
+        if any(r["impl"] == i for r in records)
+    ]
+    by = {(r["k"], r["n"], r["m"], r["impl"]): r for r in records}
+    shapes = sorted({(r["k"], r["n"]) for r in records}, key=lambda s: s[0] * s[1])
+    head = "| K x N | M | " + " | ".join(impls) + " | auto speedup | auto vs xla_int4 |\n"
+    head += "|---" * (len(impls) + 4) + "|\n"
+    rows = []
+    for k, n in shapes:
+        for m in sorted({r["m"] for r in records if (r["k"], r["n"]) == (k, n)}):
+            base = by.get((k, n, m, "bf16"), {}).get("us")
+            xla = by.get((k, n, m, "xla_int4"), {}).get("us")
+            cells = []
+            for i in impls:
+                us = by.get((k, n, m, i), {}).get("us")
+                cells.append("-" if us is None else f"{us:.1f}")
+            auto = by.get((k, n, m, "auto"), {}).get("us")
+            sp = f"{base / auto:.2f}x" if base and auto else "-"
+            vx = f"{xla / auto:.2f}x" if xla and auto else "-"
+            rows.append(f"| {k} x {n} | {m} | " + " | ".join(cells) + f" | {sp} | {vx} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def plot(records: list[dict], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = {(r["k"], r["n"], r["m"], r["impl"]): r.get("us") for r in records}
+    shapes = sorted({(r["k"], r["n"]) for r in records}, key=lambda s: s[0] * s[1])
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, impl in zip(axes, ("auto", "xla_int4"), strict=True):
+        for k, n in shapes:
+            ms = sorted({r["m"] for r in records if (r["k"], r["n"]) == (k, n)})
+            pts = [(m, by.get((k, n, m, "bf16")), by.get((k, n, m, impl))) for m in ms]
+            pts = [(m, b / t) for m, b, t in pts if b and t]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=f"{k}x{n}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("M (tokens)")
+        ax.set_title(f"{impl}: bf16 time / int4 time")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("speedup over bf16 jnp.dot")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="8b,70b", help="comma list of: 8b, 70b, key, KxN")
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--impls", default="bf16,xla_int4,triton,mosaic,auto")
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--out-dir", default="docs/benchmarks")
+    ap.add_argument("--sweep", default="", help="'triton': time a grid of Triton configs")
+    ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting work after")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    argv = argv if argv is not None else sys.argv[1:]
+    command = "python -m pallas_kernels.bench " + " ".join(argv)
+    shapes = []
+    for s in args.shapes.split(","):
+        shapes += SHAPES[s] if s in SHAPES else [tuple(int(v) for v in s.split("x"))]
+    ms = [int(v) for v in args.ms.split(",")]
+    out_dir = pathlib.Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
+    log = open(out_dir / "bench-log.jsonl", "a")  # noqa: SIM115
+    print(f"device: {jax.devices()[0].device_kind}", flush=True)
+    for si, (k, n) in enumerate(shapes):
+        if time.time() - t0 > args.budget_s:
+            print("budget reached; stopping", flush=True)
+            break
+        p = make_problem(k, n, args.group_size, seed=si)
+        for m in ms:
+            if time.time() - t0 > args.budget_s:
+                break
+            if args.sweep == "triton":
+                fns = {}
+                for cfg in sweep_configs(m, k, n, args.group_size):
+                    name = "triton:" + ",".join(
+                        f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+                    )
+                    fns[name] = (
+                        lambda x, w, c=cfg: pallas_triton.int4_matmul_triton(x, w, config=c),
+                        False,
+                    )
+                fns = {**impl_fns([i for i in args.impls.split(",")]), **fns}
+            else:
+                fns = impl_fns(args.impls.split(","))
+            for name, (fn, b16) in fns.items():
+                rec = measure_one(p, m, name, fn, b16, seed=1000 * si + m)
+                if name == "auto":
+                    rec["chose"] = api.choose(m, p.w4[0])
+                records.append(rec)
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                us = "-" if rec["us"] is None else f"{rec['us']:.2f}"
+                print(
+                    f"{k}x{n} m={m} {name}: {us} us err={rec['rel_err']} {rec.get('error', '')}",
+                    flush=True,
+                )
+        del p
+    if args.sweep:
+        (out_dir / "sweep.json").write_text(json.dumps(records, indent=1))
+        best = {}
+        for r in records:
+            if r["impl"].startswith("triton:") and r["us"]:
+                key = (r["k"], r["n"], r["m"])
+                if key not in best or r["us"] < best[key]["us"]:
+                    best[key] = r
+        for key, r in sorted(best.items()):
+            base = next(
+                (
+                    x["us"]
+                    for x in records
+                    if (x["k"], x["n"], x["m"]) == key and x["impl"] == "bf16"
+                ),
+                None,
+            )
+            ratio = f"{base / r['us']:.2f}x" if base else "-"
+            print(f"BEST {key}: {r['us']:.2f} us ({ratio} vs bf16) {r['impl']}")
+        return
+    print(write_outputs(records, out_dir, command))
+    print(f"total {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The on-device layout of a grouped int4 weight, and the one-time repack into it.
+
+AWQ stores ``W[K, N] = (q - z) * s`` with 4-bit codes ``q``, per-group integer zero
+points ``z`` and scales ``s`` (one group = ``group_size`` consecutive rows of K). The
+kernels want the weight TRANSPOSED, two codes per byte, split by halves of a group:
+
+* ``q_nk2``: ``uint8 [N, K // 2]``. Byte ``j`` of group ``g`` in row ``n`` holds
+  ``q[g*G + j, n]`` in its low nibble and ``q[g*G + G/2 + j, n]`` in its high nibble
+  (``G`` = group_size, ``0 <= j < G/2``). K-contiguous rows give a kernel 16-byte
+  loads of a ``[bn, G/2]`` tile, and the half split makes each nibble plane of a tile
+  (``p & 0xF`` and ``p >> 4``) a contiguous K slice: a kernel never interleaves them,
+  it runs one dot per plane against the matching half of x. Codes stay unsigned, so
+  ``0x4300 | q`` is exactly the bf16 number ``128 + q`` (``0x6400 | q``: f16 1024 + q).
+* ``scales_gn``: ``float16 [K // group_size, N]`` scale per (group, column): a kernel
+  reads ``bn`` consecutive scales of one group in one coalesced load.
+* ``zeros_gn``: ``float16 [K // group_size, N]`` the integer zero point ``z`` (0..15)
+  as a float, exact in f16, so kernels can fold it without an int conversion.
+
+The nibble order of AWQ's own ``qweight`` checkpoints lives in ``convert/``; this module
+starts from plain unpacked codes ``q_kn`` so it never needs to know it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+_SUPPORTED_GROUP_SIZES_NOTE = "group_size must be even and divide K (e.g. 32, 64, 128)"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Int4Weight:
+    """A grouped int4 weight in kernel layout (a JAX pytree; k, n, group_size static).
+
+    ``W[k, n] = (q[k, n] - zeros_gn[g, n]) * scales_gn[g, n]``, ``g = k // group_size``,
+    with ``q`` packed into ``q_nk2`` as described in the module docstring.
+    """
+
+    q_nk2: jax.Array  # uint8 [N, K // 2], half-split nibbles per group
+    scales_gn: jax.Array  # float16 [K // group_size, N]
+    zeros_gn: jax.Array  # float16 [K // group_size, N], integer zero points 0..15
+    k: int = dataclasses.field(metadata=dict(static=True))
+    n: int = dataclasses.field(metadata=dict(static=True))
+    group_size: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def num_groups(self) -> int:
+        return self.k // self.group_size
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of the weight: packed codes plus f16 scales and zeros."""
+        return self.k * self.n // 2 + 2 * 2 * self.num_groups * self.n
+
+
+def check_group_size(k: int, group_size: int) -> None:
+    """Raises ValueError unless ``group_size`` is a usable group size for ``k`` rows."""
+    if group_size <= 0 or group_size % 2 or k % group_size:
+        raise ValueError(f"{_SUPPORTED_GROUP_SIZES_NOTE}; got {group_size=} for K={k}")
+
+
+def pack_codes(q_kn: jax.Array, group_size: int) -> jax.Array:
+    """uint8 codes ``[K, N]`` -> packed ``uint8 [N, K // 2]`` (half split per group)."""
+    k, n = q_kn.shape
+    h = group_size // 2
+    q_ngs = q_kn.astype(jnp.uint8).T.reshape(n, k // group_size, 2, h)
+    packed = q_ngs[:, :, 0, :] | (q_ngs[:, :, 1, :] << 4)  # [N, G, h]
+    return packed.reshape(n, k // 2)
+
+
+def unpack_codes(q_nk2: jax.Array, group_size: int) -> jax.Array:
+    """Inverse of :func:`pack_codes`, but transposed: returns uint8 codes ``[N, K]``."""
+    n, k2 = q_nk2.shape
+    h = group_size // 2
+    p = q_nk2.reshape(n, k2 // h, 1, h)
+    return jnp.concatenate([p & 0xF, p >> 4], axis=2).reshape(n, 2 * k2)
+
+
+def prepare_weight(
+    q_kn: jax.Array, scales_gn: jax.Array, zeros_gn: jax.Array, *, group_size: int
+) -> Int4Weight:
+    """Repacks unpacked AWQ-style codes into the kernel layout (once, at load time).
+
+    Args:
+      q_kn: uint8 ``[K, N]`` codes in ``[0, 16)``.
+      scales_gn: float ``[K // group_size, N]`` scales (f16, bf16 or f32; stored as f16).
+      zeros_gn: uint8 ``[K // group_size, N]`` integer zero points in ``[0, 16)``.
+      group_size: rows of K that share one scale and zero point.
+
+    Returns:
+      The weight as an :class:`Int4Weight` pytree. Pure jnp: jit it or run it on CPU.
+    """
+    k, n = q_kn.shape
+    check_group_size(k, group_size)
+    g = k // group_size
+    if scales_gn.shape != (g, n) or zeros_gn.shape != (g, n):
+        raise ValueError(
+            f"scales/zeros must be [K//group_size, N] = {(g, n)}; "
+            f"got {scales_gn.shape} and {zeros_gn.shape}"
+        )
+    return Int4Weight(
+        q_nk2=pack_codes(q_kn, group_size),
+        scales_gn=scales_gn.astype(jnp.float16),
+        zeros_gn=zeros_gn.astype(jnp.float16),
+        k=k,
+        n=n,
+        group_size=group_size,
+    )

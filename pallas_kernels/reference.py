@@ -1,0 +1,46 @@
+"""The specification: dequantize the int4 weight, then one dense dot (plain jnp).
+
+This is also the CPU/TPU path, so it is written to stay cheap under jit on CPU: the
+dequantization is one fused elementwise pass over ``[N, K]`` and the dot contracts K of
+both operands (no explicit transpose is materialised).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.layout import Int4Weight
+
+
+def _dequantize_planes(w: Int4Weight, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """The two nibble planes dequantized: ``[N, groups, G/2]`` each (first/second halves)."""
+    g, h = w.num_groups, w.group_size // 2
+    p_ngh = w.q_nk2.reshape(w.n, g, h)
+    z_ng1 = w.zeros_gn.T.astype(jnp.float32)[:, :, None]
+    s_ng1 = w.scales_gn.T.astype(jnp.float32)[:, :, None]
+    lo = ((p_ngh & 0xF).astype(jnp.float32) - z_ng1) * s_ng1
+    hi = ((p_ngh >> 4).astype(jnp.float32) - z_ng1) * s_ng1
+    return lo.astype(dtype), hi.astype(dtype)
+
+
+def dequantize(w: Int4Weight, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    """Returns ``W^T`` as ``dtype [N, K]``: ``(q - z) * s`` computed in f32, rounded once."""
+    lo, hi = _dequantize_planes(w, dtype)
+    return jnp.stack([lo, hi], axis=2).reshape(w.n, w.k)
+
+
+def int4_matmul_reference(x: jax.Array, w: Int4Weight) -> jax.Array:
+    """``x[..., K] @ W[K, N]`` with W rounded to ``x.dtype`` and f32 accumulation.
+
+    Written as two dots, one per nibble plane, against the matching halves of each
+    group of x: the dequantization then stays a plain elementwise pass (no interleave),
+    which XLA runs at memory speed and fuses into its GEMM where it can.
+    """
+    if x.shape[-1] != w.k:
+        raise ValueError(f"x has K={x.shape[-1]}, weight has K={w.k}")
+    lo, hi = _dequantize_planes(w, x.dtype)
+    x_g2h = x.reshape(*x.shape[:-1], w.num_groups, 2, w.group_size // 2)
+    y = jnp.einsum("...gh,ngh->...n", x_g2h[..., 0, :], lo, preferred_element_type=jnp.float32)
+    y += jnp.einsum("...gh,ngh->...n", x_g2h[..., 1, :], hi, preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)

@@ -1,0 +1,188 @@
+"""Grouped int4 matmul: every backend against a float64 truth on random, awkward shapes.
+
+One base class holds the cases; ``TestTritonInterpret`` runs the Pallas-Triton kernel
+through the Pallas interpreter on the CPU (small shapes), ``TestGpu`` runs every backend
+compiled on a GPU and is skipped where there is none. Mosaic GPU has no CPU interpreter
+that runs this kernel, so it is only exercised by ``TestGpu``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import Int4Weight, int4_matmul, layout, pallas_triton, prepare_weight
+from pallas_kernels.reference import dequantize, int4_matmul_reference
+
+# ||out - truth|| / ||truth|| bounds. The kernels round the dequantized weight (or the
+# per-group partial sums) to x.dtype once and accumulate in f32: bf16 keeps 8 mantissa
+# bits (per-element error <= 2^-9, ~2.5e-3 measured on random data), f16 keeps 11
+# (~3e-4). The bounds leave ~3x headroom; a wrong group, nibble or zero gives > 1e-1.
+TOLERANCE = {jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
+
+HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
+
+
+def random_weight(rng: np.random.Generator, k: int, n: int, group_size: int):
+    """Random codes, f16 scales and zero points; returns (Int4Weight, float64 W[K, N])."""
+    q = rng.integers(0, 16, (k, n), dtype=np.uint8)
+    s = (rng.uniform(0.5, 1.5, (k // group_size, n)) / 64).astype(np.float16)
+    z = rng.integers(0, 16, (k // group_size, n), dtype=np.uint8)
+    w = prepare_weight(jnp.asarray(q), jnp.asarray(s), jnp.asarray(z), group_size=group_size)
+    rep = lambda a: np.repeat(a.astype(np.float64), group_size, axis=0)  # noqa: E731
+    return w, (q.astype(np.float64) - rep(z)) * rep(s)
+
+
+def rel_err(out: jax.Array, truth: np.ndarray) -> float:
+    out = np.asarray(out.astype(jnp.float32), np.float64)
+    return float(np.linalg.norm(out - truth) / np.linalg.norm(truth))
+
+
+class _Int4MatmulCases:
+    """Shared cases; subclasses say how to call the backend (``matmul``)."""
+
+    # (M, K, N, group_size); subclasses may override with larger shapes.
+    SHAPES: ClassVar = [(1, 256, 64, 64), (3, 256, 128, 32), (16, 512, 64, 128), (17, 256, 64, 64)]
+
+    def matmul(self, x: jax.Array, w: Int4Weight) -> jax.Array:
+        raise NotImplementedError
+
+    @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+    @pytest.mark.parametrize("shape_idx", range(4))
+    def test_matches_truth(self, shape_idx: int, dtype) -> None:
+        m, k, n, gs = self.SHAPES[shape_idx]
+        rng = np.random.default_rng(1000 * shape_idx + (dtype == jnp.float16))
+        w, w_kn = random_weight(rng, k, n, gs)
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        out = self.matmul(jnp.asarray(x, dtype), w)
+        assert out.shape == (m, n) and out.dtype == dtype
+        truth = np.asarray(jnp.asarray(x, dtype), np.float64) @ w_kn
+        assert np.all(np.isfinite(np.asarray(out, np.float32)))
+        assert rel_err(out, truth) < TOLERANCE[dtype]
+
+
+class TestReference(_Int4MatmulCases):
+    SHAPES: ClassVar = [
+        (1, 576, 192, 64),
+        (3, 1536, 576, 128),
+        (100, 256, 64, 32),
+        (17, 192, 96, 64),
+    ]
+
+    def matmul(self, x, w):
+        return jax.jit(int4_matmul_reference)(x, w)
+
+
+class TestDispatch(_Int4MatmulCases):
+    """``implementation=None``: on the CPU this is the reference; on a GPU, a kernel."""
+
+    def matmul(self, x, w):
+        return jax.jit(int4_matmul)(x, w)
+
+
+class TestTritonInterpret(_Int4MatmulCases):
+    """The Pallas-Triton kernel through the Pallas interpreter (CPU), several configs."""
+
+    CONFIGS: ClassVar = [
+        pallas_triton.Config(block_n=32, split_k=2),
+        pallas_triton.Config(block_n=64, swap=True),
+        pallas_triton.Config(block_n=32, split_k=2, scale_after_dot=False, groups_per_step=2),
+        pallas_triton.Config(block_m=4, block_n=32, split_k=2, fma=True),
+    ]
+
+    def matmul(self, x, w):
+        m = x.shape[0]
+        cfg = self.CONFIGS[(m + w.group_size) % len(self.CONFIGS)]
+        if w.k % (cfg.split_k * cfg.groups_per_step * w.group_size):
+            cfg = pallas_triton.Config(block_n=32)
+        return pallas_triton.int4_matmul_triton(x, w, config=cfg, interpret=True)
+
+    @pytest.mark.parametrize("cfg_idx", range(4))
+    def test_each_config(self, cfg_idx: int) -> None:
+        rng = np.random.default_rng(7 + cfg_idx)
+        w, w_kn = random_weight(rng, 512, 64, 64)
+        x = jnp.asarray(rng.standard_normal((5, 512)), jnp.bfloat16)
+        cfg = self.CONFIGS[cfg_idx]
+        out = pallas_triton.int4_matmul_triton(x, w, config=cfg, interpret=True)
+        assert rel_err(out, np.asarray(x, np.float64) @ w_kn) < TOLERANCE[jnp.bfloat16]
+
+    def test_unsupported_shape_raises(self) -> None:
+        rng = np.random.default_rng(0)
+        w, _ = random_weight(rng, 192, 96, 64)
+        x = jnp.ones((2, 192), jnp.bfloat16)
+        with pytest.raises(NotImplementedError):
+            pallas_triton.int4_matmul_triton(x, w, config=pallas_triton.Config(block_n=64))
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+class TestGpu(_Int4MatmulCases):
+    """Every backend compiled on the GPU, on Llama-like and awkward shapes."""
+
+    SHAPES: ClassVar = [
+        (1, 4096, 4096, 128),
+        (3, 4096, 1024, 64),
+        (17, 2048, 2048, 32),
+        (100, 4096, 512, 128),
+    ]
+
+    @pytest.fixture(params=["triton", "mosaic", None])
+    def impl(self, request):
+        return request.param
+
+    @pytest.fixture(autouse=True)
+    def _bind(self, impl):
+        self._impl = impl
+
+    def matmul(self, x, w):
+        try:
+            return jax.jit(lambda x, w: int4_matmul(x, w, implementation=self._impl))(x, w)
+        except NotImplementedError as e:
+            pytest.skip(f"{self._impl} does not support this shape: {e}")
+
+
+class TestLayoutAndApi:
+    def test_pack_roundtrip(self) -> None:
+        rng = np.random.default_rng(3)
+        q = rng.integers(0, 16, (256, 48), dtype=np.uint8)
+        for gs in (32, 64, 128):
+            packed = layout.pack_codes(jnp.asarray(q), gs)
+            assert packed.shape == (48, 128) and packed.dtype == jnp.uint8
+            np.testing.assert_array_equal(layout.unpack_codes(packed, gs), q.T)
+
+    def test_weight_bytes(self) -> None:
+        w, _ = random_weight(np.random.default_rng(0), 512, 64, 128)
+        assert w.q_nk2.nbytes == 512 * 64 // 2
+
+    @pytest.mark.parametrize("gs", [0, 3, 48, 1000])
+    def test_bad_group_size(self, gs: int) -> None:
+        with pytest.raises(ValueError, match="group_size"):
+            prepare_weight(
+                jnp.zeros((256, 8), jnp.uint8),
+                jnp.ones((1, 8), jnp.float16),
+                jnp.zeros((1, 8), jnp.uint8),
+                group_size=gs,
+            )
+
+    def test_leading_dims_jit_and_pytree(self) -> None:
+        rng = np.random.default_rng(5)
+        w, w_kn = random_weight(rng, 256, 64, 64)
+        x = jnp.asarray(rng.standard_normal((2, 3, 256)), jnp.bfloat16)
+        leaves = jax.tree_util.tree_leaves(w)
+        assert len(leaves) == 3
+        out = jax.jit(lambda x, w: int4_matmul(x, w, implementation="xla"))(x, w)
+        assert out.shape == (2, 3, 64)
+        truth = np.asarray(x, np.float64) @ w_kn
+        assert rel_err(out, truth) < TOLERANCE[jnp.bfloat16]
+
+    def test_dequantize_matches_definition(self) -> None:
+        w, w_kn = random_weight(np.random.default_rng(6), 128, 32, 32)
+        np.testing.assert_allclose(np.asarray(dequantize(w)).T, w_kn, rtol=1e-6)
+
+    def test_unknown_implementation(self) -> None:
+        w, _ = random_weight(np.random.default_rng(0), 64, 16, 32)
+        with pytest.raises(ValueError, match="implementation"):
+            int4_matmul(jnp.ones((1, 64), jnp.bfloat16), w, implementation="cuda")
