@@ -45,7 +45,9 @@ def read_text_files(paths: Sequence[str | Path]) -> list[str]:
         elif p.suffix in (".txt", ".md", ""):
             texts.append(p.read_text(encoding="utf-8"))
         else:
-            raise ValueError(f"unsupported calibration file type {p.suffix!r} ({p}): use .txt/.jsonl")
+            raise ValueError(
+                f"unsupported calibration file type {p.suffix!r} ({p}): use .txt/.jsonl"
+            )
     return texts
 
 

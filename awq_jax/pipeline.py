@@ -81,8 +81,12 @@ def _record(config, layer, x, rope_mask, chunk_seqs):
 def _quantize_linears(layer: Params, settings: SearchSettings) -> Params:
     for path in LINEARS:
         kernel = _get(layer, (*path, "kernel"))
-        qt = quantize(kernel, bits=settings.w_bit, group_size=settings.group_size,
-                      zero_point=settings.zero_point)
+        qt = quantize(
+            kernel,
+            bits=settings.w_bit,
+            group_size=settings.group_size,
+            zero_point=settings.zero_point,
+        )
         layer = _replace(layer, (*path, "kernel"), qt)
     return layer
 
@@ -132,7 +136,7 @@ def awq_quantize_layer(
 
 def calibration_inputs(config: ModelConfig, params: Params, tokens: np.ndarray):
     """Block 0's inputs (the embeddings) and the rope/mask shared by every layer."""
-    n, t = tokens.shape
+    t = tokens.shape[1]
     x = jnp.take(params["embed_tokens"]["embedding"], jnp.asarray(tokens), axis=0)
     positions = jnp.arange(t)[None, :]
     cos, sin = rope_cos_sin(config, positions)
@@ -163,19 +167,23 @@ def awq_quantize(
         for r in recs:
             best = int(r["best"])
             losses = np.asarray(r["losses"], np.float64)
-            records.append({
-                "layer": i,
-                "group": r["group"],
-                "ratio": None if best == 0 else float(ratios[best - 1]),
-                "duo": None if best == 0 else bool(duo[best - 1]),
-                "rtn_loss": float(losses[0]),
-                "best_loss": float(losses[best]),
-                "losses": losses[1:].tolist(),
-                "ratios": ratios.tolist(),
-                "scales": np.asarray(r["scales"], np.float32),
-                "x_mean": np.asarray(r["x_mean"], np.float32),
-            })
-        gain = np.mean([1 - r["best_loss"] / max(r["rtn_loss"], 1e-30) for r in records[-len(recs):]])
+            records.append(
+                {
+                    "layer": i,
+                    "group": r["group"],
+                    "ratio": None if best == 0 else float(ratios[best - 1]),
+                    "duo": None if best == 0 else bool(duo[best - 1]),
+                    "rtn_loss": float(losses[0]),
+                    "best_loss": float(losses[best]),
+                    "losses": losses[1:].tolist(),
+                    "ratios": ratios.tolist(),
+                    "scales": np.asarray(r["scales"], np.float32),
+                    "x_mean": np.asarray(r["x_mean"], np.float32),
+                }
+            )
+        gain = np.mean(
+            [1 - r["best_loss"] / max(r["rtn_loss"], 1e-30) for r in records[-len(recs) :]]
+        )
         bar.set_postfix(loss_cut=f"{gain:.0%}")
     return _with_layers(params, _stack(layers)), records
 
@@ -242,7 +250,9 @@ def quantize_model(
         if not jnp.all(jnp.isfinite(kernel)):
             raise ValueError(f"non-finite values in layers/{'/'.join(path)}: cannot quantize")
     info: dict[str, Any] = {
-        "method": method, "w_bit": settings.w_bit, "group_size": settings.group_size,
+        "method": method,
+        "w_bit": settings.w_bit,
+        "group_size": settings.group_size,
         "zero_point": settings.zero_point,
     }
     t0 = time.perf_counter()
@@ -258,9 +268,11 @@ def quantize_model(
             model.config, model.params, tokens, settings, progress=progress
         )
         info["calib"] = {
-            "n_samples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1]),
-            "source": ", ".join(map(str, files)) if files else (
-                "texts" if texts is not None else "sotu<=1989"),
+            "n_samples": int(tokens.shape[0]),
+            "seqlen": int(tokens.shape[1]),
+            "source": ", ".join(map(str, files))
+            if files
+            else ("texts" if texts is not None else "sotu<=1989"),
         }
         info["settings"] = dataclasses.asdict(settings)
         info["records"] = records
@@ -302,8 +314,11 @@ def compare(
         "results": {
             "fp": {"ppl": fp["ppl"]},
             "rtn": {"ppl": rtn["ppl"]},
-            "awq": {"ppl": awq["ppl"], "search_seconds": awq_model.quantization["seconds"],
-                    "gap_closed": (rtn["ppl"] - awq["ppl"]) / gap if gap > 0 else None},
+            "awq": {
+                "ppl": awq["ppl"],
+                "search_seconds": awq_model.quantization["seconds"],
+                "gap_closed": (rtn["ppl"] - awq["ppl"]) / gap if gap > 0 else None,
+            },
         },
         "settings": awq_model.quantization["settings"],
     }
@@ -326,6 +341,8 @@ def format_compare_table(result: dict[str, Any]) -> str:
         "",
     ]
     if r["awq"]["gap_closed"] is not None:
-        lines.append(f"AWQ closes {r['awq']['gap_closed']:.0%} of RTN's gap to FP "
-                     f"(search {r['awq']['search_seconds']:.0f} s)")
+        lines.append(
+            f"AWQ closes {r['awq']['gap_closed']:.0%} of RTN's gap to FP "
+            f"(search {r['awq']['search_seconds']:.0f} s)"
+        )
     return "\n".join(lines)

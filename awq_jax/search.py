@@ -125,9 +125,7 @@ def candidate_scales(
     x_mean: jax.Array, w_mean: jax.Array, ratio: jax.Array, duo: jax.Array
 ) -> jax.Array:
     """``s = x^r / (w^(1-r) + 1e-4)`` (duo) or ``x^r``; clamped, normalised by sqrt(max*min)."""
-    s = jnp.where(
-        duo, x_mean**ratio / (w_mean ** (1 - ratio) + 1e-4), x_mean**ratio
-    )
+    s = jnp.where(duo, x_mean**ratio / (w_mean ** (1 - ratio) + 1e-4), x_mean**ratio)
     s = jnp.maximum(s, 1e-4)
     s = s / jnp.sqrt(s.max() * s.min())
     return jnp.where(jnp.isfinite(s), s, 1.0)
@@ -225,9 +223,7 @@ def search_scales(
     return {"scales": cands[best], "losses": losses, "best": best, "x_mean": x_mean}
 
 
-def apply_scales(
-    config: ModelConfig, group: ScaleGroup, layer: Layer, s: jax.Array
-) -> Layer:
+def apply_scales(config: ModelConfig, group: ScaleGroup, layer: Layer, s: jax.Array) -> Layer:
     """Folds ``s``: the previous op's outputs divided by ``s``, the linears' input rows times it.
 
     Exact in real arithmetic: the layer computes the same function (tested in float32).
@@ -235,11 +231,17 @@ def apply_scales(
     s_rows = _kv_expand(s, config) if group.shared_kv else s
     prev = _get(layer, group.prev)
     if "scale" in prev:  # RMSNorm weight
-        new_prev = {**prev, "scale": (prev["scale"].astype(jnp.float32) / s).astype(
-            prev["scale"].dtype)}
+        new_prev = {
+            **prev,
+            "scale": (prev["scale"].astype(jnp.float32) / s).astype(prev["scale"].dtype),
+        }
     else:  # a linear: its output columns (and bias)
-        new_prev = {**prev, "kernel": (prev["kernel"].astype(jnp.float32) / s[None, :]).astype(
-            prev["kernel"].dtype)}
+        new_prev = {
+            **prev,
+            "kernel": (prev["kernel"].astype(jnp.float32) / s[None, :]).astype(
+                prev["kernel"].dtype
+            ),
+        }
         if "bias" in prev:
             new_prev["bias"] = (prev["bias"].astype(jnp.float32) / s).astype(prev["bias"].dtype)
     layer = _replace(layer, group.prev, new_prev)
@@ -272,7 +274,9 @@ def search_clip(settings: SearchSettings, kernel_kn: jax.Array, x: jax.Array) ->
     w = kernel_kn.astype(jnp.float32)
     w_gsn = w.reshape(k // g, g, n)
     absmax = jnp.abs(w_gsn).max(axis=1, keepdims=True)  # [G, 1, N]
-    shrinks = 1 - jnp.arange(int(settings.clip_max_shrink * settings.clip_grid)) / settings.clip_grid
+    shrinks = (
+        1 - jnp.arange(int(settings.clip_max_shrink * settings.clip_grid)) / settings.clip_grid
+    )
 
     def err(shrink: jax.Array) -> jax.Array:
         max_val = absmax * shrink

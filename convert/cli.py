@@ -126,9 +126,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if args.compare:
         from awq_jax.pipeline import compare, format_compare_table, quant_settings_from_args
 
-        result = compare(
-            model, quant_settings_from_args(args), windows=args.windows, progress=not args.json
-        )
+        settings, calib = quant_settings_from_args(args)
+        result = compare(model, settings, calib, windows=args.windows, progress=not args.json)
         print(json.dumps(result, indent=2) if args.json else format_compare_table(result))
         return
     r = model_perplexity(model, windows=args.windows, progress=not args.json)
@@ -151,9 +150,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> None:
-    from awq_jax.pipeline import quant_settings_from_args, quantize_model
-
     from awq_jax.api import load_model
+    from awq_jax.pipeline import quant_settings_from_args, quantize_model
 
     model = load_model(args.model, dtype=args.dtype)
     settings, calib = quant_settings_from_args(args)
