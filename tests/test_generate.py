@@ -1,0 +1,117 @@
+"""jit generate: agreement with the plain forward, batch invariance, one compile, sampling."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from awq_jax.config import ModelConfig
+from awq_jax.generate import Sampling, generate, generate_tokens
+from awq_jax.model import forward, init_params
+
+TINY = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2,
+                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+    return init_params(TINY, jax.random.key(0), jnp.float32)
+
+
+def _greedy_reference(params, prompt, n):
+    seq = list(prompt)
+    for _ in range(n):
+        logits = forward(TINY, params, jnp.asarray([seq]))
+        seq.append(int(jnp.argmax(logits[0, -1])))
+    return seq[len(prompt) :]
+
+
+def test_greedy_matches_the_uncached_forward(tiny_params):
+    prompt = [5, 9, 2, 77, 31]
+    assert generate(TINY, tiny_params, [prompt], max_new_tokens=8)[0] == _greedy_reference(
+        tiny_params, prompt, 8
+    )
+
+
+def test_batch_invariance_tiny(tiny_params):
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3], [7], [5, 9, 2, 77, 31]]
+    batch = generate(TINY, tiny_params, prompts, max_new_tokens=6)
+    for p, out in zip(prompts, batch, strict=True):
+        assert generate(TINY, tiny_params, [p], max_new_tokens=6)[0] == out
+
+
+@pytest.mark.slow
+def test_batch_invariance_real_model(bundled_model_dir):
+    from awq_jax.api import generate_text, load_model
+
+    model = load_model(bundled_model_dir, dtype="float32")
+    prompt = "The capital of France is"
+    alone = generate_text(model, prompt, max_new_tokens=8)[0]
+    batch = generate_text(
+        model, ["Once upon a time, in a small village by the sea, there lived", prompt, "Hi"],
+        max_new_tokens=8,
+    )
+    assert batch[1] == alone
+    assert "Paris" in alone
+
+
+def test_decoding_compiles_once(tiny_params):
+    run = dict(max_new_tokens=12)
+    generate(TINY, tiny_params, [[1, 2, 3]], **run)
+    n = generate_tokens._cache_size()
+    # Other prompts in the same length bucket, other token values: no new compilation,
+    # and nothing compiles per generated token (12 tokens, one cached executable).
+    generate(TINY, tiny_params, [[4, 5, 6, 7, 8]], **run)
+    generate(TINY, tiny_params, [[9]], **run)
+    assert generate_tokens._cache_size() == n
+
+
+def test_eos_stops_each_sequence(tiny_params):
+    prompts = [[5, 9, 2, 77, 31], [1, 2, 3]]
+    free = generate(TINY, tiny_params, prompts, max_new_tokens=6)
+    eos = free[0][2]  # the first prompt's third token
+    out = generate(TINY, tiny_params, prompts, max_new_tokens=6, eos_ids=[eos])
+    assert out[0] == free[0][:3]  # stops after (and includes) its EOS
+    cut = free[1].index(eos) + 1 if eos in free[1] else 6
+    assert out[1] == free[1][:cut]  # the other sequence is unaffected until its own EOS
+
+
+def test_sampling(tiny_params):
+    prompt = [[5, 9, 2, 77, 31]]
+    greedy = generate(TINY, tiny_params, prompt, max_new_tokens=6)
+    # top_k=1 is greedy whatever the temperature.
+    assert generate(TINY, tiny_params, prompt, max_new_tokens=6,
+                    sampling=Sampling(temperature=5.0, top_k=1)) == greedy
+    hot = Sampling(temperature=2.0, top_p=0.95)
+    a = generate(TINY, tiny_params, prompt, max_new_tokens=6, sampling=hot,
+                 key=jax.random.key(1))
+    b = generate(TINY, tiny_params, prompt, max_new_tokens=6, sampling=hot,
+                 key=jax.random.key(1))
+    c = generate(TINY, tiny_params, prompt, max_new_tokens=6, sampling=hot,
+                 key=jax.random.key(2))
+    assert a == b  # an explicit key makes sampling reproducible
+    assert a != c  # and different keys give different samples (vocab 97, 6 tokens)
+    with pytest.raises(ValueError, match="top_p"):
+        Sampling(top_p=0.0)
+
+
+def test_prompt_too_long_rejected(tiny_params):
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        generate(TINY, tiny_params, [[1] * 500], max_new_tokens=20)
+
+
+def test_perplexity_is_exp_mean_nll(tiny_params):
+    from awq_jax.eval import perplexity
+
+    ids = np.random.default_rng(0).integers(0, 97, 200)
+    r = perplexity(TINY, tiny_params, ids, seqlen=64, batch_size=2, progress=False)
+    assert r["windows"] == 3 and r["tokens"] == 3 * 63
+    logp = jax.nn.log_softmax(forward(TINY, tiny_params, jnp.asarray(ids[:192].reshape(3, 64))))
+    nll = -np.take_along_axis(np.asarray(logp[:, :-1]), ids[:192].reshape(3, 64)[:, 1:, None], -1)
+    assert r["ppl"] == pytest.approx(float(np.exp(nll.mean())), rel=1e-5)
+    assert perplexity(TINY, tiny_params, ids, seqlen=64, n_windows=1, progress=False)[
+        "windows"] == 1
+    with pytest.raises(ValueError, match="fewer than one window"):
+        perplexity(TINY, tiny_params, ids[:10], seqlen=64, progress=False)
