@@ -44,8 +44,8 @@ class Config:
     block_n: output columns per program (a power of 2 dividing N).
     split_k: programs along K; each reduces ``K // split_k`` rows.
     groups_per_step: groups handled per loop iteration (unrolled).
-    fma: no tensor-core dot: multiply-add on the CUDA cores (GEMV style), for
-      ``block_m`` of 1..8 tokens where a 16-row dot would be mostly padding.
+    fma: no tensor-core dot: multiply-add on the CUDA cores (GEMV style), one token
+      per program (``block_m=1``), where a 16-row dot would be 15/16 padding.
     """
 
     block_m: int = 16
@@ -67,9 +67,10 @@ def check_supported(w: Int4Weight, cfg: Config) -> None:
     """Raises NotImplementedError for shapes/configs this kernel cannot run."""
     problems = []
     step = w.group_size * cfg.groups_per_step
-    min_bm = 1 if cfg.fma else 16
-    if not (_is_pow2(cfg.block_m) and cfg.block_m >= min_bm):
-        problems.append(f"block_m={cfg.block_m} must be a power of 2 >= {min_bm}")
+    if cfg.fma and cfg.block_m != 1:
+        problems.append("fma runs one token per program: block_m must be 1")
+    if not cfg.fma and not (_is_pow2(cfg.block_m) and cfg.block_m >= 16):
+        problems.append(f"block_m={cfg.block_m} must be a power of 2 >= 16")
     if not (_is_pow2(cfg.block_n) and cfg.block_n >= 16 and w.n % cfg.block_n == 0):
         problems.append(f"block_n={cfg.block_n} must be a power of 2 >= 16 dividing N={w.n}")
     if not (_is_pow2(w.group_size) and w.group_size >= 32):
@@ -117,8 +118,9 @@ def _kernel(x_ref, q_ref, s_ref, z_ref, o_ref, *, m: int, group_size: int, steps
             s = s_ref[g, n_slc].astype(jnp.float32)  # [bn]
             z = z_ref[g, n_slc].astype(jnp.float32)  # [bn]
             if cfg.fma:
-                # 0x3F800000 | q << 19 is the f32 number 1 + q/16, exactly: one shift
-                # and one LOP3 per code, no int -> float convert.
+                # 0x3F800000 | q << 19 is the f32 number 1 + q/16 exactly (one shift and
+                # one LOP3 per code, no int -> float convert); one FMA turns it into
+                # (q - z) * s = (1 + q/16) * 16s - (16 + z) s, a second one accumulates.
                 one = jnp.uint32(0x3F800000)
                 wa = jax.lax.bitcast_convert_type(
                     ((p & 0xF).astype(jnp.uint32) << 19) | one, jnp.float32
@@ -126,13 +128,11 @@ def _kernel(x_ref, q_ref, s_ref, z_ref, o_ref, *, m: int, group_size: int, steps
                 wb = jax.lax.bitcast_convert_type(
                     ((p >> 4).astype(jnp.uint32) << 19) | one, jnp.float32
                 )
-                xa32, xb32 = xa.astype(jnp.float32), xb.astype(jnp.float32)
-                d = jnp.sum(wa[None, :, :] * xa32[:, None, :], axis=2) + jnp.sum(
-                    wb[None, :, :] * xb32[:, None, :], axis=2
-                )  # [bm, bn] = sum_k x (1 + q/16)
-                x_sum = jnp.sum(xa32, axis=1) + jnp.sum(xb32, axis=1)  # [bm]
-                # sum_k x q = 16 (d - x_sum); y += s (sum_k x q - z x_sum)
-                acc += s[None, :] * (16.0 * d - x_sum[:, None] * (z[None, :] + 16.0))
+                s16 = (16.0 * s)[:, None]
+                bias = (-(16.0 + z) * s)[:, None]
+                acc += (wa * s16 + bias) * xa.astype(jnp.float32) + (wb * s16 + bias) * xb.astype(
+                    jnp.float32
+                )  # [bn, h]; xa, xb are [1, h]
             elif cfg.scale_after_dot:
                 wa = jax.lax.bitcast_convert_type((p & 0xF).astype(jnp.uint16) | bits, dtype)
                 wb = jax.lax.bitcast_convert_type((p >> 4).astype(jnp.uint16) | bits, dtype)
@@ -155,10 +155,14 @@ def _kernel(x_ref, q_ref, s_ref, z_ref, o_ref, *, m: int, group_size: int, steps
                     acc += dot(xa, wa) + dot(xb, wb)
         return acc
 
-    acc_shape = (bn, bm) if cfg.swap and not cfg.fma else (bm, bn)
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(acc_shape, jnp.float32))
-    if cfg.swap and not cfg.fma:
-        acc = acc.T
+    if cfg.fma:
+        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bn, h), jnp.float32))
+        acc = jnp.sum(acc, axis=1)[None, :]  # [1, bn]
+    else:
+        acc_shape = (bn, bm) if cfg.swap else (bm, bn)
+        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(acc_shape, jnp.float32))
+        if cfg.swap:
+            acc = acc.T
     out = acc.astype(o_ref.dtype)
     if cfg.split_k == 1:
         pltriton.store(o_ref.at[m_slc, n_slc], out, mask=row_ok[:, None])

@@ -1,15 +1,27 @@
 """Which backend and which block sizes, per (device kind, M, K, N, group size).
 
-Measured on the lent H100 with ``python -m pallas_kernels.bench``; the numbers that
-justify each rule are in docs/kernels.md. Other GPUs get the same heuristic (it only
-assumes ~100+ SMs); the CPU (and anything that is not a CUDA GPU) gets the reference.
+A tuned table (``tuned_configs.json``, written by ``python -m pallas_kernels.bench
+--tune`` on the device and committed) gives, per device kind and layer shape, the best
+measured Triton config for each bucket of M. Shapes or devices not in the table get a
+heuristic fitted to the same measurements. The numbers behind each rule are in
+docs/kernels.md. Anything that is not an NVIDIA GPU gets the reference ("xla").
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
+import pathlib
+
 from pallas_kernels import pallas_mosaic_gpu, pallas_triton
 
-# Programs we want in flight for a memory-bound launch: a few per SM of an H100.
+TABLE_PATH = pathlib.Path(__file__).with_name("tuned_configs.json")
+
+# Above this many tokens the Triton kernel (mma.sync on padded tiles) loses to
+# dequantize-then-cuBLAS: measured 3x slower than bf16 at M=1024, xla ~0.6x.
+_MAX_TRITON_M = 128
+# Programs wanted in flight for a memory-bound launch: a few per SM of an H100.
 _TARGET_PROGRAMS = 4 * 132
 
 
@@ -17,40 +29,66 @@ def _is_gpu(device_kind: str) -> bool:
     return device_kind.startswith("NVIDIA")
 
 
-def _is_hopper(device_kind: str) -> bool:
-    return any(t in device_kind for t in ("H100", "H200", "H800", "H20", "GH200"))
+@functools.cache
+def _table() -> dict:
+    """{device_kind: [{"k", "n", "m_max", "impl", "config"}]}; empty if no table."""
+    if not TABLE_PATH.exists():
+        return {}
+    return json.loads(TABLE_PATH.read_text())
+
+
+def _lookup(device_kind: str, m: int, k: int, n: int, group_size: int) -> dict | None:
+    entries = [
+        e
+        for e in _table().get(device_kind, [])
+        if (e["k"], e["n"], e.get("group_size", 128)) == (k, n, group_size) and m <= e["m_max"]
+    ]
+    return min(entries, key=lambda e: e["m_max"]) if entries else None
 
 
 def choose_implementation(device_kind: str, m: int, k: int, n: int, group_size: int) -> str:
     """The backend name dispatch runs for this shape."""
-    del k, n, group_size
     if not _is_gpu(device_kind):
         return "xla"
-    if m > 256:
-        return "xla"
-    return "triton"
+    entry = _lookup(device_kind, m, k, n, group_size)
+    if entry is not None:
+        return entry["impl"]
+    return "triton" if m <= _MAX_TRITON_M else "xla"
+
+
+def _split_for(k: int, rows: int, group_size: int) -> int:
+    """split_k giving ~``rows`` K rows per program (whole groups, dividing K)."""
+    split = max(1, k // rows)
+    while split > 1 and k % (split * group_size):
+        split -= 1
+    return split
 
 
 def triton_config(
     device_kind: str, m: int, k: int, n: int, group_size: int
 ) -> pallas_triton.Config:
-    """Split-K heuristic: enough programs for every SM, K rows per program a power of 2."""
-    del device_kind
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    block_n = 128 if n % 128 == 0 else 64
-    m_blocks = -(-m // block_m)
-    split_k = 1
-    while (
-        (n // block_n) * split_k * m_blocks < _TARGET_PROGRAMS
-        and k % (2 * split_k) == 0
-        and (k // (2 * split_k)) % max(group_size, 256) == 0
-    ):
-        split_k *= 2
-    while k // split_k > 4096 and k % (2 * split_k) == 0:
-        split_k *= 2
+    """Tuned config if the table has one, else the heuristic below.
+
+    Heuristic (from the H100 sweeps): one token -> the FMA (GEMV) variant; up to 16
+    tokens -> swapped-operand dot with block_n 64; more -> block_m 64. ~1024 K rows per
+    program (split-K) keeps hundreds of programs in flight for 4096-wide layers.
+    """
+    entry = _lookup(device_kind, m, k, n, group_size)
+    if entry is not None and entry["impl"] == "triton":
+        return pallas_triton.Config(**entry["config"])
+    block_n = 64 if n % 64 == 0 else 32
+    if m == 1:
+        return pallas_triton.Config(
+            block_m=1, block_n=block_n, split_k=_split_for(k, 1024, group_size), fma=True
+        )
+    block_m = 16 if m <= 16 else 64
     return pallas_triton.Config(
-        block_m=block_m, block_n=block_n, split_k=split_k, num_warps=4, num_stages=3
+        block_m=block_m, block_n=block_n, split_k=_split_for(k, 1024, group_size), swap=True
     )
+
+
+def config_to_dict(cfg: pallas_triton.Config) -> dict:
+    return dataclasses.asdict(cfg)
 
 
 def mosaic_config(

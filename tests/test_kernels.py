@@ -91,7 +91,7 @@ class TestTritonInterpret(_Int4MatmulCases):
         pallas_triton.Config(block_n=32, split_k=2),
         pallas_triton.Config(block_n=64, swap=True),
         pallas_triton.Config(block_n=32, split_k=2, scale_after_dot=False, groups_per_step=2),
-        pallas_triton.Config(block_m=4, block_n=32, split_k=2, fma=True),
+        pallas_triton.Config(block_m=1, block_n=32, split_k=2, fma=True),
     ]
 
     def matmul(self, x, w):
