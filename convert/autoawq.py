@@ -32,7 +32,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from awq_jax import weights
 from awq_jax.quantizer import QuantizedTensor
 
 __all__ = [
@@ -92,8 +93,12 @@ _UNSUPPORTED_VERSIONS = (
 _DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is not a valid AutoAWQ GEMM checkpoint; the message names the file/key."""
+class CheckpointError(weights.CheckpointError):
+    """A checkpoint that is not a valid AutoAWQ GEMM checkpoint; the message names the file/key.
+
+    A ``ValueError``, and a kind of `awq_jax.weights.CheckpointError`, so one ``except`` covers
+    every checkpoint that `awq_jax.api.load_model` cannot load.
+    """
 
 
 # --------------------------------------------------------------------------------------
@@ -216,7 +221,11 @@ def _plan_shards(sizes: Mapping[str, int], max_shard_bytes: int) -> list[list[st
     return shards
 
 
-def _quantization_config(tensors: Mapping[str, Any], zero_point: bool | None) -> dict[str, Any]:
+def _quantization_config(
+    tensors: Mapping[str, Any],
+    zero_point: bool | None,
+    modules_to_not_convert: Sequence[str] | None = None,
+) -> dict[str, Any]:
     qts = {k: v for k, v in tensors.items() if isinstance(v, QuantizedTensor)}
     if not qts:
         raise ValueError("no QuantizedTensor among the tensors: nothing to write as AWQ")
@@ -238,7 +247,7 @@ def _quantization_config(tensors: Mapping[str, Any], zero_point: bool | None) ->
         "group_size": group_size,
         "zero_point": bool(zero_point),
         "version": "gemm",
-        "modules_to_not_convert": None,
+        "modules_to_not_convert": list(modules_to_not_convert) if modules_to_not_convert else None,
     }
 
 
@@ -263,6 +272,23 @@ def _check_tensors(tensors: Mapping[str, Any]) -> None:
                     f"tensor name {name!r} is produced by both {stored[name]!r} and {key!r}"
                 )
             stored[name] = key
+
+
+def _check_extra_files(extra: Mapping[str, bytes]) -> None:
+    reserved = {CONFIG_NAME, SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, *_COPIED_FILES}
+    for name, data in extra.items():
+        if (
+            not isinstance(name, str)
+            or not name
+            or name != Path(name).name
+            or name.startswith(".")
+            or "\\" in name
+        ):
+            raise ValueError(f"extra_files: {name!r} is not a plain file name")
+        if name in reserved or name.endswith(".safetensors"):
+            raise ValueError(f"extra_files: {name!r} is a name the checkpoint itself uses")
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise ValueError(f"extra_files: {name!r} must be bytes, got {type(data).__name__}")
 
 
 def _check_destination(out: Path, overwrite: bool) -> None:
@@ -291,6 +317,8 @@ def save_checkpoint(
     max_shard_bytes: int = 5 * 2**30,
     overwrite: bool = False,
     zero_point: bool | None = None,
+    modules_to_not_convert: Sequence[str] | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Writes an AutoAWQ GEMM checkpoint that transformers, vLLM and AutoAWQ load.
 
@@ -312,6 +340,13 @@ def save_checkpoint(
       overwrite: replace an existing ``out_dir`` (only one that looks like a checkpoint).
       zero_point: recorded in ``quantization_config``; by default inferred (``False`` when
         every zero point is ``8``, the symmetric quantizer's constant).
+      modules_to_not_convert: recorded in ``quantization_config`` (``None`` when empty): the
+        modules (name substrings, as transformers and vLLM match them) that are stored
+        unquantized although they are linears AutoAWQ would quantize.
+      extra_files: ``{file name: contents}`` written into the checkpoint as part of the same
+        atomic write (e.g. the quantizer's own records). Plain file names only, none that the
+        checkpoint itself uses (weights, index, ``config.json``, copied files) and no
+        ``.safetensors`` (loaders glob for weights).
 
     Returns:
       ``out_dir`` as a ``Path``.
@@ -329,11 +364,20 @@ def save_checkpoint(
         raise FileNotFoundError(f"copy_files_from={src} is not a directory")
     _check_destination(out, overwrite)
     _check_tensors(tensors)
+    extra = dict(extra_files or {})
+    _check_extra_files(extra)
+    if modules_to_not_convert is not None and (
+        isinstance(modules_to_not_convert, str)
+        or not all(isinstance(m, str) and m for m in modules_to_not_convert)
+    ):
+        raise ValueError(
+            f"modules_to_not_convert must be a list of module names, got {modules_to_not_convert!r}"
+        )
     np_dtype = _DTYPES[dtype]
     config_out = {
         **dict(config),
         "torch_dtype": dtype,
-        "quantization_config": _quantization_config(tensors, zero_point),
+        "quantization_config": _quantization_config(tensors, zero_point, modules_to_not_convert),
     }
     if "dtype" in config_out:  # transformers >= 4.56 spells it "dtype"; keep the two in step
         config_out["dtype"] = dtype
@@ -350,6 +394,8 @@ def save_checkpoint(
             for name in _COPIED_FILES:
                 if (src / name).is_file():
                     shutil.copy2(src / name, tmp / name)
+        for name, data in extra.items():
+            (tmp / name).write_bytes(data)
         # config.json last: a leftover temp directory never looks like a finished checkpoint.
         (tmp / CONFIG_NAME).write_text(json.dumps(config_out, indent=2) + "\n")
         _replace_dir(tmp, out, overwrite)

@@ -261,6 +261,52 @@ def test_existing_output_is_refused_without_overwrite(tmp_path):
     assert out.stat().st_mode & 0o777 == (tmp_path / "probe").stat().st_mode & 0o777
 
 
+def test_extra_files_and_modules_to_not_convert(tmp_path):
+    tensors = _weights(2, 64, True)
+    extra = {"awq_records.json": b'{"method": "awq"}\n', "awq_records.npz": bytes(range(256))}
+    out = save_checkpoint(
+        tmp_path / "ckpt",
+        tensors,
+        CONFIG,
+        extra_files=extra,
+        modules_to_not_convert=["model.layers.0.mlp.up_proj"],
+    )
+    for name, data in extra.items():
+        assert (out / name).read_bytes() == data
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["modules_to_not_convert"] == ["model.layers.0.mlp.up_proj"]
+    _assert_same(tensors, load_checkpoint(out)[1], np.dtype(np.float16))
+    out = save_checkpoint(tmp_path / "empty", tensors, CONFIG, modules_to_not_convert=[])
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["modules_to_not_convert"] is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "modules", "match"),
+    [
+        ({"../escape.json": b""}, None, "plain file name"),
+        ({"sub/x.json": b""}, None, "plain file name"),
+        ({".hidden": b""}, None, "plain file name"),
+        ({"config.json": b"{}"}, None, "checkpoint itself uses"),
+        ({"tokenizer.json": b"{}"}, None, "checkpoint itself uses"),
+        ({"records.safetensors": b""}, None, "checkpoint itself uses"),
+        ({"a.json": "text"}, None, "must be bytes"),
+        (None, "model.layers.0.mlp.up_proj", "list of module names"),
+        (None, [""], "list of module names"),
+    ],
+)
+def test_extra_files_and_modules_validation(tmp_path, extra, modules, match):
+    with pytest.raises(ValueError, match=match):
+        save_checkpoint(
+            tmp_path / "ckpt",
+            _weights(2, 64, True),
+            CONFIG,
+            extra_files=extra,
+            modules_to_not_convert=modules,
+        )
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
 def test_overwrite_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "notes.txt").write_text("precious")
