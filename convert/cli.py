@@ -8,11 +8,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
 
 _USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (so 0 or -1 windows/samples/tokens is a usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
@@ -56,8 +68,10 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         help="calibration text files (.txt, or .jsonl with a 'text' field); default: "
         "the bundled State of the Union speeches up to 1989",
     )
-    c.add_argument("--n-samples", type=int, default=128, help="calibration samples (default 128)")
-    c.add_argument("--seqlen", type=int, default=512, help="tokens per calibration block")
+    c.add_argument(
+        "--n-samples", type=_positive_int, default=128, help="calibration blocks (default 128)"
+    )
+    c.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per calibration block")
     c.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     s = p.add_argument_group("search (AWQ)")
     s.add_argument(
@@ -66,7 +80,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         choices=["true", "false", "both"],
         help="scale candidates x^r / w^(1-r) (AutoAWQ, default), x^r (paper), or both",
     )
-    s.add_argument("--grid", type=int, default=20, help="ratio grid points (default 20)")
+    s.add_argument("--grid", type=_positive_int, default=20, help="ratio grid points (default 20)")
     s.add_argument(
         "--inclusive-grid",
         action="store_true",
@@ -81,7 +95,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     )
     s.add_argument(
         "--batch-tokens",
-        type=int,
+        type=_positive_int,
         default=None,
         help="split calibration forwards into chunks of at most this many tokens "
         "(bounds device memory on big models)",
@@ -191,7 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("gguf", metavar="FILE", help="the .gguf file")
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to create")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="dtype of the written weights (default bfloat16)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.set_defaults(func=_cmd_import_gguf)
 
@@ -209,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt text (repeat for a batch)",
     )
     _add_model_arg(p)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
@@ -227,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arg(p)
     p.add_argument(
         "--windows",
-        type=int,
+        type=_positive_int,
         default=None,
         help="score only the first N windows (default: all full windows)",
     )
@@ -247,7 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
         "round-to-nearest) and write an AutoAWQ GEMM checkpoint.",
     )
     _add_model_arg(p)
-    p.add_argument("--method", default="awq", choices=["awq", "rtn"])
+    p.add_argument(
+        "--method",
+        default="awq",
+        choices=["awq", "rtn"],
+        help="awq: activation-aware scale + clip search (default); rtn: round to nearest",
+    )
     p.add_argument(
         "--output",
         metavar="DIR",
@@ -264,8 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize the bundled SmolLM2 with AWQ and RTN (w4, group "
         "64), print the perplexity table and a generated sample.",
     )
-    p.add_argument("--n-samples", type=int, default=32, help="calibration blocks of 512 tokens")
-    p.add_argument("--windows", type=int, default=32, help="evaluation windows of 512 tokens")
+    p.add_argument(
+        "--n-samples", type=_positive_int, default=32, help="calibration blocks of 512 tokens"
+    )
+    p.add_argument(
+        "--windows", type=_positive_int, default=32, help="evaluation windows of 512 tokens"
+    )
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser(
@@ -282,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    # transformers (imported for the tokenizer) warns on every run that torch is missing,
+    # which awq-jax never needs; keep stderr for our own messages.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
