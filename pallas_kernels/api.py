@@ -8,6 +8,8 @@ dequantize in jnp, then ``jnp.dot``), ``"triton"``, ``"mosaic"``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 
 from pallas_kernels import pallas_mosaic_gpu, pallas_triton, tuning
@@ -29,6 +31,8 @@ def _run(impl: str, x_mk: jax.Array, w: Int4Weight) -> jax.Array:
         return int4_matmul_reference(x_mk, w)
     if impl == "triton":
         cfg = tuning.triton_config(_device_kind(), m, w.k, w.n, w.group_size)
+        if w.tile_n and cfg.block_n != w.tile_n:
+            cfg = dataclasses.replace(cfg, block_n=w.tile_n)
         return pallas_triton.int4_matmul_triton(x_mk, w, config=cfg)
     if impl == "mosaic":
         cfg = tuning.mosaic_config(_device_kind(), m, w.k, w.n, w.group_size)

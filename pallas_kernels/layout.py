@@ -11,6 +11,12 @@ kernels want the weight TRANSPOSED, two codes per byte, split by halves of a gro
   (``p & 0xF`` and ``p >> 4``) a contiguous K slice: a kernel never interleaves them,
   it runs one dot per plane against the matching half of x. Codes stay unsigned, so
   ``0x4300 | q`` is exactly the bf16 number ``128 + q`` (``0x6400 | q``: f16 1024 + q).
+* Tiled (``tile_n > 0``, the default when ``tile_n`` divides N): the same bytes
+  reordered to ``q_packed: uint8 [N / tile_n, K / G, tile_n, G / 2]``, so the
+  ``[tile_n, G/2]`` tile a kernel reads per group is ONE contiguous 4 KB block and a
+  program streaming K reads one contiguous run. With the plain ``[N, K/2]`` order each
+  step read 64 bytes from each of 64 rows 4 KB apart, and every Triton variant stalled
+  at ~1.1 TB/s of HBM (DRAM page misses); Marlin pre-tiles for the same reason.
 * ``scales_gn``: ``float16 [K // group_size, N]`` scale per (group, column): a kernel
   reads ``bn`` consecutive scales of one group in one coalesced load.
 * ``zeros_gn``: ``float16 [K // group_size, N]`` the integer zero point ``z`` (0..15)
@@ -36,19 +42,29 @@ class Int4Weight:
     """A grouped int4 weight in kernel layout (a JAX pytree; k, n, group_size static).
 
     ``W[k, n] = (q[k, n] - zeros_gn[g, n]) * scales_gn[g, n]``, ``g = k // group_size``,
-    with ``q`` packed into ``q_nk2`` as described in the module docstring.
+    with ``q`` packed into ``q_packed`` as described in the module docstring.
     """
 
-    q_nk2: jax.Array  # uint8 [N, K // 2], half-split nibbles per group
+    q_packed: jax.Array  # uint8 [N/tile_n, K/G, tile_n, G/2] (tiled) or [N, K/2]
     scales_gn: jax.Array  # float16 [K // group_size, N]
     zeros_gn: jax.Array  # float16 [K // group_size, N], integer zero points 0..15
     k: int = dataclasses.field(metadata=dict(static=True))
     n: int = dataclasses.field(metadata=dict(static=True))
     group_size: int = dataclasses.field(metadata=dict(static=True))
+    tile_n: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     @property
     def num_groups(self) -> int:
         return self.k // self.group_size
+
+    @property
+    def q_nk2(self) -> jax.Array:
+        """The packed codes in plain ``[N, K // 2]`` order (a transpose if tiled)."""
+        if not self.tile_n:
+            return self.q_packed
+        h = self.group_size // 2
+        q = self.q_packed.transpose(0, 2, 1, 3)  # [N/tn, tn, K/G, h]
+        return q.reshape(self.n, self.num_groups * h)
 
     @property
     def nbytes(self) -> int:
@@ -79,8 +95,20 @@ def unpack_codes(q_nk2: jax.Array, group_size: int) -> jax.Array:
     return jnp.concatenate([p & 0xF, p >> 4], axis=2).reshape(n, 2 * k2)
 
 
+def tile_codes(q_nk2: jax.Array, group_size: int, tile_n: int) -> jax.Array:
+    """Plain ``[N, K // 2]`` packed codes -> tiled ``[N/tile_n, K/G, tile_n, G/2]``."""
+    n, k2 = q_nk2.shape
+    h = group_size // 2
+    return q_nk2.reshape(n // tile_n, tile_n, k2 // h, h).transpose(0, 2, 1, 3)
+
+
 def prepare_weight(
-    q_kn: jax.Array, scales_gn: jax.Array, zeros_gn: jax.Array, *, group_size: int
+    q_kn: jax.Array,
+    scales_gn: jax.Array,
+    zeros_gn: jax.Array,
+    *,
+    group_size: int,
+    tile_n: int | None = None,
 ) -> Int4Weight:
     """Repacks unpacked AWQ-style codes into the kernel layout (once, at load time).
 
@@ -89,6 +117,8 @@ def prepare_weight(
       scales_gn: float ``[K // group_size, N]`` scales (f16, bf16 or f32; stored as f16).
       zeros_gn: uint8 ``[K // group_size, N]`` integer zero points in ``[0, 16)``.
       group_size: rows of K that share one scale and zero point.
+      tile_n: columns per contiguous tile (see the module docstring); None picks 64
+        when it divides N, else the plain order (0), which the kernels also accept.
 
     Returns:
       The weight as an :class:`Int4Weight` pytree. Pure jnp: jit it or run it on CPU.
@@ -101,11 +131,17 @@ def prepare_weight(
             f"scales/zeros must be [K//group_size, N] = {(g, n)}; "
             f"got {scales_gn.shape} and {zeros_gn.shape}"
         )
+    if tile_n is None:
+        tile_n = 64 if n % 64 == 0 else 0
+    if tile_n and n % tile_n:
+        raise ValueError(f"tile_n={tile_n} must divide N={n}")
+    q_nk2 = pack_codes(q_kn, group_size)
     return Int4Weight(
-        q_nk2=pack_codes(q_kn, group_size),
+        q_packed=tile_codes(q_nk2, group_size, tile_n) if tile_n else q_nk2,
         scales_gn=scales_gn.astype(jnp.float16),
         zeros_gn=zeros_gn.astype(jnp.float16),
         k=k,
         n=n,
         group_size=group_size,
+        tile_n=tile_n,
     )

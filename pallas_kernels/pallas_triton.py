@@ -75,6 +75,8 @@ def check_supported(w: Int4Weight, cfg: Config) -> None:
         problems.append(f"block_n={cfg.block_n} must be a power of 2 >= 16 dividing N={w.n}")
     if not (_is_pow2(w.group_size) and w.group_size >= 32):
         problems.append(f"group_size={w.group_size} must be a power of 2 >= 32")
+    if w.tile_n and cfg.block_n != w.tile_n:
+        problems.append(f"block_n={cfg.block_n} must equal the weight's tile_n={w.tile_n}")
     if w.k % (cfg.split_k * step):
         problems.append(f"K={w.k} must split into {cfg.split_k} x steps of {step} rows")
     if problems:
@@ -90,7 +92,19 @@ def _magic(dtype: jnp.dtype) -> tuple[int, float]:
     raise NotImplementedError(f"activations must be bf16 or f16, got {dtype}")
 
 
-def _kernel(x_ref, q_ref, s_ref, z_ref, o_ref, *, m: int, group_size: int, steps: int, cfg: Config):
+def _kernel(
+    x_ref,
+    q_ref,
+    s_ref,
+    z_ref,
+    o_ref,
+    *,
+    m: int,
+    group_size: int,
+    steps: int,
+    tiled: bool,
+    cfg: Config,
+):
     """One program: tokens [bm] x columns [bn] x K rows of split ``program_id(1)``."""
     pid_n, pid_s, pid_m = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bm, bn, gps = cfg.block_m, cfg.block_n, cfg.groups_per_step
@@ -114,7 +128,8 @@ def _kernel(x_ref, q_ref, s_ref, z_ref, o_ref, *, m: int, group_size: int, steps
             k0 = pl.multiple_of(g * group_size, group_size)
             xa = pltriton.load(x_ref.at[m_slc, pl.ds(k0, h)], mask=row_ok[:, None], other=0)
             xb = pltriton.load(x_ref.at[m_slc, pl.ds(k0 + h, h)], mask=row_ok[:, None], other=0)
-            p = q_ref[n_slc, pl.ds(pl.multiple_of(g * h, h), h)]  # uint8 [bn, h]
+            # uint8 [bn, h]: one contiguous 4 KB block when tiled (see layout.py).
+            p = q_ref[pid_n, g] if tiled else q_ref[n_slc, pl.ds(pl.multiple_of(g * h, h), h)]
             s = s_ref[g, n_slc].astype(jnp.float32)  # [bn]
             z = z_ref[g, n_slc].astype(jnp.float32)  # [bn]
             if cfg.fma:
@@ -187,7 +202,9 @@ def int4_matmul_triton(
         out_shape = jax.ShapeDtypeStruct((m, w.n), x_mk.dtype)
     else:
         out_shape = jax.ShapeDtypeStruct((cfg.split_k, m, w.n), jnp.float32)
-    kernel = functools.partial(_kernel, m=m, group_size=w.group_size, steps=steps, cfg=cfg)
+    kernel = functools.partial(
+        _kernel, m=m, group_size=w.group_size, steps=steps, tiled=bool(w.tile_n), cfg=cfg
+    )
     whole = pl.BlockSpec(memory_space=pl.ANY)
     out = pl.pallas_call(
         kernel,
@@ -198,7 +215,7 @@ def int4_matmul_triton(
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="int4_matmul_triton",
-    )(x_mk, w.q_nk2, w.scales_gn, w.zeros_gn)
+    )(x_mk, w.q_packed, w.scales_gn, w.zeros_gn)
     if cfg.split_k > 1:
         out = out.sum(axis=0).astype(x_mk.dtype)
     return out

@@ -8,6 +8,7 @@ that runs this kernel, so it is only exercised by ``TestGpu``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 import jax
@@ -27,12 +28,16 @@ TOLERANCE = {jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
 HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
 
 
-def random_weight(rng: np.random.Generator, k: int, n: int, group_size: int):
+def random_weight(
+    rng: np.random.Generator, k: int, n: int, group_size: int, tile_n: int | None = None
+):
     """Random codes, f16 scales and zero points; returns (Int4Weight, float64 W[K, N])."""
     q = rng.integers(0, 16, (k, n), dtype=np.uint8)
     s = (rng.uniform(0.5, 1.5, (k // group_size, n)) / 64).astype(np.float16)
     z = rng.integers(0, 16, (k // group_size, n), dtype=np.uint8)
-    w = prepare_weight(jnp.asarray(q), jnp.asarray(s), jnp.asarray(z), group_size=group_size)
+    w = prepare_weight(
+        jnp.asarray(q), jnp.asarray(s), jnp.asarray(z), group_size=group_size, tile_n=tile_n
+    )
     rep = lambda a: np.repeat(a.astype(np.float64), group_size, axis=0)  # noqa: E731
     return w, (q.astype(np.float64) - rep(z)) * rep(s)
 
@@ -99,23 +104,34 @@ class TestTritonInterpret(_Int4MatmulCases):
         cfg = self.CONFIGS[(m + w.group_size) % len(self.CONFIGS)]
         if w.k % (cfg.split_k * cfg.groups_per_step * w.group_size):
             cfg = pallas_triton.Config(block_n=32)
+        if w.tile_n:
+            cfg = dataclasses.replace(cfg, block_n=w.tile_n)
         return pallas_triton.int4_matmul_triton(x, w, config=cfg, interpret=True)
 
+    @pytest.mark.parametrize("tile_n", [0, 32])
     @pytest.mark.parametrize("cfg_idx", range(4))
-    def test_each_config(self, cfg_idx: int) -> None:
+    def test_each_config(self, cfg_idx: int, tile_n: int) -> None:
         rng = np.random.default_rng(7 + cfg_idx)
-        w, w_kn = random_weight(rng, 512, 64, 64)
+        w, w_kn = random_weight(rng, 512, 64, 64, tile_n=tile_n)
         x = jnp.asarray(rng.standard_normal((5, 512)), jnp.bfloat16)
         cfg = self.CONFIGS[cfg_idx]
+        if tile_n:
+            cfg = dataclasses.replace(cfg, block_n=tile_n)
         out = pallas_triton.int4_matmul_triton(x, w, config=cfg, interpret=True)
         assert rel_err(out, np.asarray(x, np.float64) @ w_kn) < TOLERANCE[jnp.bfloat16]
 
     def test_unsupported_shape_raises(self) -> None:
         rng = np.random.default_rng(0)
-        w, _ = random_weight(rng, 192, 96, 64)
+        w, _ = random_weight(rng, 192, 96, 64)  # N=96: untiled, 64 does not divide it
+        assert w.tile_n == 0
         x = jnp.ones((2, 192), jnp.bfloat16)
         with pytest.raises(NotImplementedError):
             pallas_triton.int4_matmul_triton(x, w, config=pallas_triton.Config(block_n=64))
+        tiled, _ = random_weight(rng, 256, 128, 64)
+        with pytest.raises(NotImplementedError, match="tile_n"):
+            pallas_triton.int4_matmul_triton(
+                jnp.ones((2, 256), jnp.bfloat16), tiled, config=pallas_triton.Config(block_n=128)
+            )
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
@@ -155,7 +171,11 @@ class TestLayoutAndApi:
 
     def test_weight_bytes(self) -> None:
         w, _ = random_weight(np.random.default_rng(0), 512, 64, 128)
-        assert w.q_nk2.nbytes == 512 * 64 // 2
+        assert w.q_packed.nbytes == 512 * 64 // 2
+        assert w.tile_n == 64 and w.q_packed.shape == (1, 4, 64, 64)
+        plain, _ = random_weight(np.random.default_rng(0), 512, 64, 128, tile_n=0)
+        assert plain.tile_n == 0 and plain.q_packed.shape == (64, 256)
+        np.testing.assert_array_equal(w.q_nk2, plain.q_packed)
 
     @pytest.mark.parametrize("gs", [0, 3, 48, 1000])
     def test_bad_group_size(self, gs: int) -> None:
