@@ -1,0 +1,229 @@
+"""GPU benchmarks of the whole path: jit ``generate`` with bf16 vs int4 weights, AWQ search time.
+
+    awq-jax bench generate --out DIR     # -> DIR/generate-<device>.json / .md
+    awq-jax bench search --out DIR       # -> DIR/search-<device>.json / .md
+
+The model is Llama-3-8B-shaped (32 layers, 4096 wide, GQA 32/8, MLP 14336, vocab 128256) with
+random weights created on the device (no download). int4 weights are RTN-quantized with
+group 128 (AWQ changes the values, not the shapes or the speed). Implementations:
+``bf16`` (fused bf16 matmuls), ``int4`` (`Int4Linear`, dispatch picks the Pallas kernel),
+``xla_int4`` (the same int4 weights, dequantized by XLA then ``jnp.dot``: what a JAX user gets
+without custom kernels).
+
+Timing: wall clock around a whole jitted call after a warm-up call (each call runs thousands of
+kernels, so dispatch overhead is negligible), median of ``repeats``. Prefill is timed alone;
+decode time = generate(prompt, 256 new tokens) - prefill, over 256 decode steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from awq_jax.config import ModelConfig
+from awq_jax.generate import generate_tokens
+from awq_jax.inference import prepare_for_inference, weight_bytes
+from awq_jax.model import Transformer, causal_mask, init_params
+from awq_jax.pipeline import awq_quantize, rtn_quantize
+from awq_jax.search import SearchSettings
+
+LLAMA3_8B = ModelConfig(
+    model_type="llama",
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    rope_theta=500000.0,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+)
+
+
+def _device_tag() -> str:
+    kind = jax.devices()[0].device_kind.lower()
+    for tag in ("h100", "h200", "a100"):
+        if tag in kind:
+            return tag
+    return jax.devices()[0].platform
+
+
+def random_params(config: ModelConfig, dtype=jnp.bfloat16) -> dict[str, Any]:
+    """Random weights of the config's shapes, created on the device in ``dtype``."""
+    init = jax.jit(functools.partial(init_params, config, dtype=dtype))
+    return init(jax.random.key(0))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_len"))
+def _prefill(config, params, tokens_bt, max_len):
+    b, t = tokens_bt.shape
+    shape = (config.num_layers, b, max_len, config.num_kv_heads, config.head_dim)
+    dtype = params["embed_tokens"]["embedding"].dtype
+    cache = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    key_valid = jnp.arange(max_len)[None, :] < t
+    mask = causal_mask(positions, jnp.broadcast_to(key_valid, (b, max_len)))
+    logits, cache = Transformer(config).apply(
+        {"params": params}, tokens_bt, positions, mask, cache, 0, last_only=True
+    )
+    return logits, cache
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())  # compile + warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_generate_one(
+    config, params, *, batch: int, prompt_len: int, new_tokens: int, repeats: int
+) -> dict[str, float]:
+    tokens = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, config.vocab_size)
+    valid = jnp.ones((batch, prompt_len), bool)
+    key = jax.random.key(2)
+    prefill = _median_seconds(
+        lambda: _prefill(config, params, tokens, prompt_len + new_tokens), repeats
+    )
+    total = _median_seconds(
+        lambda: generate_tokens(config, params, tokens, valid, key, max_new_tokens=new_tokens),
+        repeats,
+    )
+    decode = max(total - prefill, 1e-9)
+    return {
+        "prefill_tok_s": batch * prompt_len / prefill,
+        "decode_tok_s": batch * new_tokens / decode,
+        "ms_per_token": 1e3 * decode / new_tokens,
+        "prefill_s": prefill,
+        "generate_s": total,
+    }
+
+
+def run_generate(out: Path, *, quick: bool = False, config: ModelConfig = LLAMA3_8B) -> list:
+    new_tokens = 256
+    cases = [(1, 128), (8, 128), (32, 128), (1, 2048), (8, 2048), (32, 2048)]
+    xla_cases = {(1, 128), (32, 128)}
+    if quick:
+        cases, xla_cases = [(1, 128), (32, 128)], {(1, 128)}
+    params = random_params(config)
+    q = rtn_quantize(config, params, SearchSettings(group_size=128))
+    variants = {
+        "bf16": prepare_for_inference(params),
+        "int4": prepare_for_inference(q, implementation=None),
+        "xla_int4": prepare_for_inference(q, implementation="xla"),
+    }
+    del q
+    records = []
+    for impl, p in variants.items():
+        wb = weight_bytes(p)
+        wb_lin = weight_bytes(p, linear_only=True)
+        for batch, prompt_len in cases:
+            if impl == "xla_int4" and (batch, prompt_len) not in xla_cases:
+                continue
+            r = bench_generate_one(
+                config, p, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=3
+            )
+            rec = {
+                "model": "llama3-8b-shaped",
+                "dtype": "bfloat16" if impl == "bf16" else "int4",
+                "impl": impl,
+                "batch": batch,
+                "prompt_len": prompt_len,
+                "new_tokens": new_tokens,
+                "weight_bytes": wb,
+                "linear_weight_bytes": wb_lin,
+                **r,
+            }
+            records.append(rec)
+            print(json.dumps(rec), flush=True)
+    _write(out, f"generate-{_device_tag()}", records, _generate_table(records))
+    return records
+
+
+def _generate_table(records: list[dict]) -> str:
+    base = {(r["batch"], r["prompt_len"]): r for r in records if r["impl"] == "bf16"}
+    lines = [
+        "| impl | batch | prompt | prefill tok/s | decode tok/s | ms/token | decode vs bf16 "
+        "| weight GB (linear GB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        b = base.get((r["batch"], r["prompt_len"]))
+        ratio = r["decode_tok_s"] / b["decode_tok_s"] if b else float("nan")
+        lines.append(
+            f"| {r['impl']} | {r['batch']} | {r['prompt_len']} | {r['prefill_tok_s']:,.0f} | "
+            f"{r['decode_tok_s']:,.1f} | {r['ms_per_token']:.2f} | {ratio:.2f}x | "
+            f"{r['weight_bytes'] / 1e9:.2f} ({r['linear_weight_bytes'] / 1e9:.2f}) |"
+        )
+    return "\n".join(lines)
+
+
+def run_search(out: Path, *, quick: bool = False, config: ModelConfig = LLAMA3_8B) -> dict:
+    """The full AWQ search (128 x 512 random calibration tokens) on the 8B-shaped model."""
+    if quick:
+        config = dataclasses.replace(config, num_layers=2)
+    params = random_params(config)
+    tokens = np.asarray(
+        jax.random.randint(jax.random.key(3), (128, 512), 0, config.vocab_size), np.int32
+    )
+    settings = SearchSettings(group_size=128, chunk_seqs=32)
+    t0 = time.perf_counter()
+    qparams, _ = awq_quantize(config, params, tokens, settings, progress=True)
+    jax.block_until_ready(qparams)
+    seconds = time.perf_counter() - t0
+    stats = jax.devices()[0].memory_stats() or {}
+    result = {
+        "model": "llama3-8b-shaped",
+        "layers": config.num_layers,
+        "calib": [128, 512],
+        "group_size": 128,
+        "chunk_seqs": 32,
+        "seconds": seconds,
+        "seconds_per_layer": seconds / config.num_layers,
+        "peak_device_bytes": stats.get("peak_bytes_in_use"),
+        "model_bf16_bytes": weight_bytes(params),
+    }
+    print(json.dumps(result), flush=True)
+    table = (
+        "| model | layers | calibration | search wall time | per layer | peak device memory |\n"
+        "|---|---:|---|---:|---:|---:|\n"
+        f"| {result['model']} | {config.num_layers} | 128 x 512 | {seconds:.0f} s | "
+        f"{result['seconds_per_layer']:.1f} s | "
+        f"{(result['peak_device_bytes'] or 0) / 2**30:.1f} GiB |"
+    )
+    _write(out, f"search-{_device_tag()}", [result], table)
+    return result
+
+
+def _write(out: Path, name: str, records: list, table: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(records, indent=1))
+    device = jax.devices()[0].device_kind
+    (out / f"{name}.md").write_text(f"# {name} ({device})\n\n{table}\n")
+    print(table)
+
+
+def main(args) -> None:
+    if jax.default_backend() != "gpu":
+        raise ValueError(
+            f"the benchmarks need a GPU (jax.default_backend() is {jax.default_backend()!r})"
+        )
+    out = Path(args.out)
+    if args.what == "generate":
+        run_generate(out, quick=args.quick)
+    else:
+        run_search(out, quick=args.quick)

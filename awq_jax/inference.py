@@ -1,0 +1,102 @@
+"""Params for fast inference: fused projections and int4 kernels.
+
+`prepare_for_inference` rewrites a params pytree (float or quantized) once, at load time:
+
+- q/k/v become one ``qkv_proj`` and gate/up one ``gate_up_proj`` (one matmul, one kernel
+  launch each instead of three / two); the model picks the fused layout up by itself;
+- every `QuantizedTensor` kernel (4-bit) becomes an `Int4Linear`: the weight repacked by
+  `pallas_kernels.prepare_weight` into the kernels' layout, so `awq_jax.linear.linear` routes
+  it to `pallas_kernels.int4_matmul` (Pallas kernels on GPU, the jnp reference elsewhere).
+
+The model function is unchanged: only leaves and names of the params pytree differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from awq_jax.quantizer import QuantizedTensor
+
+__all__ = ["Int4Linear", "prepare_for_inference", "weight_bytes"]
+
+Params = dict[str, Any]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Int4Linear:
+    """A linear's int4 weight in kernel layout, and which implementation runs it.
+
+    ``implementation`` is static (part of the pytree structure), so changing it retraces
+    instead of silently reusing a compiled function: None = dispatch, or "xla", "triton",
+    "mosaic" (see `pallas_kernels.int4_matmul`).
+    """
+
+    weight: Any  # pallas_kernels.Int4Weight
+    implementation: str | None = dataclasses.field(default=None, metadata={"static": True})
+
+
+def _to_int4(qt: QuantizedTensor, implementation: str | None) -> Int4Linear:
+    from pallas_kernels import prepare_weight
+
+    if qt.bits != 4:
+        raise ValueError(f"the int4 kernels need 4-bit weights, got {qt.bits}-bit")
+    prepare = lambda q, s, z: prepare_weight(q, s, z, group_size=qt.group_size)  # noqa: E731
+    for _ in range(qt.q.ndim - 2):  # stacked layers: map over the leading axes
+        prepare = jax.vmap(prepare)
+    return Int4Linear(prepare(qt.q, qt.scales, qt.zeros), implementation)
+
+
+def _concat_out(*leaves: Any) -> Any:
+    """Concatenates float kernels / biases / QuantizedTensors along the output (last) axis."""
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=-1), *leaves)
+
+
+def _fuse(mods: dict[str, Any], names: tuple[str, ...], fused: str) -> dict[str, Any]:
+    if not all(n in mods for n in names):
+        return mods
+    parts = [mods[n] for n in names]
+    kinds = {type(p["kernel"]) for p in parts}
+    if len(kinds) != 1 or (
+        isinstance(parts[0]["kernel"], QuantizedTensor)
+        and len({(p["kernel"].bits, p["kernel"].group_size) for p in parts}) != 1
+    ):
+        return mods  # mixed precisions: leave unfused
+    out = {k: v for k, v in mods.items() if k not in names}
+    out[fused] = {key: _concat_out(*(p[key] for p in parts)) for key in parts[0]}
+    return out
+
+
+def prepare_for_inference(
+    params: Params, *, fuse: bool = True, implementation: str | None = None
+) -> Params:
+    """Fused projections and `Int4Linear` kernels (see the module docstring)."""
+    layers = dict(params["layers"])
+    if fuse:
+        layers["self_attn"] = _fuse(layers["self_attn"], ("q_proj", "k_proj", "v_proj"), "qkv_proj")
+        layers["mlp"] = _fuse(layers["mlp"], ("gate_proj", "up_proj"), "gate_up_proj")
+
+    def convert(leaf: Any) -> Any:
+        if isinstance(leaf, QuantizedTensor):
+            return _to_int4(leaf, implementation)
+        return leaf
+
+    layers = jax.tree.map(convert, layers, is_leaf=lambda x: isinstance(x, QuantizedTensor))
+    return {**params, "layers": layers}
+
+
+def weight_bytes(params: Params, *, linear_only: bool = False) -> int:
+    """Bytes of the params on device (``linear_only``: only the decoder layers' kernels)."""
+    tree = params["layers"] if linear_only else params
+    total = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if linear_only and "norm" in jax.tree_util.keystr(path):
+            continue
+        if linear_only and "bias" in jax.tree_util.keystr(path):
+            continue
+        total += leaf.size * leaf.dtype.itemsize
+    return int(total)
