@@ -1,0 +1,113 @@
+"""Inference params: fused projections and int4 kernels behind the same model and generate."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from awq_jax.config import ModelConfig
+from awq_jax.generate import generate
+from awq_jax.inference import Int4Linear, prepare_for_inference, weight_bytes
+from awq_jax.model import forward, init_params
+from awq_jax.pipeline import dequantized, rtn_quantize
+from awq_jax.search import SearchSettings
+
+TINY = ModelConfig(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    model_type="qwen2",
+    qkv_bias=True,
+)
+HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    params = init_params(TINY, jax.random.key(0), jnp.float32)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, a: a + 0.1 if "bias" in jax.tree_util.keystr(p) else a, params
+    )
+    return params, rtn_quantize(TINY, params, SearchSettings(group_size=32))
+
+
+def test_fused_float_params_compute_the_same(tiny):
+    params, _ = tiny
+    fused = prepare_for_inference(params)
+    assert (
+        "qkv_proj" in fused["layers"]["self_attn"] and "q_proj" not in fused["layers"]["self_attn"]
+    )
+    assert "gate_up_proj" in fused["layers"]["mlp"]
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, TINY.vocab_size)
+    np.testing.assert_allclose(
+        np.asarray(forward(TINY, fused, tokens)),
+        np.asarray(forward(TINY, params, tokens)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_int4_params_match_fake_quantization(tiny):
+    _, q = tiny
+    int4 = prepare_for_inference(q)
+    kernels = jax.tree.leaves(int4["layers"], is_leaf=lambda x: isinstance(x, Int4Linear))
+    assert sum(isinstance(k, Int4Linear) for k in kernels) == 4  # qkv, o, gate_up, down
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, TINY.vocab_size)
+    # Same integer weights, same float32 math up to summation order.
+    np.testing.assert_allclose(
+        np.asarray(forward(TINY, int4, tokens)),
+        np.asarray(forward(TINY, dequantized(q), tokens)),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5]]
+    assert generate(TINY, int4, prompts, max_new_tokens=6) == generate(
+        TINY, dequantized(q), prompts, max_new_tokens=6
+    )
+
+
+def test_int4_weight_bytes_under_a_third_of_bf16():
+    config = dataclasses.replace(
+        TINY, hidden_size=256, intermediate_size=512, num_heads=8, num_kv_heads=4, head_dim=32
+    )
+    params = init_params(config, jax.random.key(0), jnp.bfloat16)
+    int4 = prepare_for_inference(rtn_quantize(config, params, SearchSettings(group_size=128)))
+    ratio = weight_bytes(int4, linear_only=True) / weight_bytes(params, linear_only=True)
+    # 4 bits + an f16 scale and zero per 128 weights: (0.5 + 4/128) / 2 = 0.266
+    assert ratio == pytest.approx(0.2656, abs=0.002)
+
+
+@pytest.mark.slow
+def test_quantized_bundled_model_still_says_paris(bundled_model_dir):
+    from awq_jax.api import generate_text, load_model
+
+    model = load_model(bundled_model_dir, dtype="float32")
+    q = rtn_quantize(model.config, model.params, SearchSettings(group_size=64))
+    text = generate_text(
+        model.replace(params=prepare_for_inference(q)), "The capital of France is", max_new_tokens=8
+    )[0]
+    assert "Paris" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+def test_gpu_kernels_generate_like_the_reference():
+    config = dataclasses.replace(
+        TINY, hidden_size=512, intermediate_size=1024, num_heads=8, num_kv_heads=4, head_dim=64
+    )
+    params = init_params(config, jax.random.key(0), jnp.bfloat16)
+    q = rtn_quantize(config, params, SearchSettings(group_size=128))
+    fast = prepare_for_inference(q)  # dispatch: Pallas kernels on the GPU
+    ref = prepare_for_inference(q, implementation="xla")
+    tokens = jax.random.randint(jax.random.key(1), (3, 16), 0, config.vocab_size)
+    a = np.asarray(forward(config, fast, tokens), np.float32)
+    b = np.asarray(forward(config, ref, tokens), np.float32)
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-2  # bf16 activations
