@@ -150,7 +150,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         "windows": r["windows"],
         "tokens": r["tokens"],
         "seqlen": 512,
-        "results": {"fp": {"ppl": r["ppl"]}},
+        # A quantized checkpoint is labelled with its method ("awq", "rtn", or "unknown").
+        "results": {(model.quantization or {}).get("method", "fp"): {"ppl": r["ppl"]}},
     }
     if model.quantization:
         result["quantization"] = model.quantization
