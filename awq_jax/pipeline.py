@@ -290,8 +290,12 @@ def compare(
     *,
     windows: int | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
-    """FP vs RTN vs AWQ perplexity under the same settings (the ``eval --compare`` JSON)."""
+    return_model: bool = False,
+) -> dict[str, Any] | tuple[dict[str, Any], Any]:
+    """FP vs RTN vs AWQ perplexity under the same settings (the ``eval --compare`` JSON).
+
+    With ``return_model`` also returns the AWQ-quantized model: ``(result, awq_model)``.
+    """
     from awq_jax.api import model_perplexity
 
     def ppl(m, desc):
@@ -303,7 +307,7 @@ def compare(
     awq_model = quantize_model(model, settings, method="awq", calib=calib, progress=progress)
     awq = ppl(awq_model, "AWQ")
     gap = rtn["ppl"] - fp["ppl"]
-    return {
+    result = {
         "model": str(model.path),
         "windows": fp["windows"],
         "tokens": fp["tokens"],
@@ -322,6 +326,7 @@ def compare(
         },
         "settings": awq_model.quantization["settings"],
     }
+    return (result, awq_model) if return_model else result
 
 
 def format_compare_table(result: dict[str, Any]) -> str:
@@ -346,3 +351,34 @@ def format_compare_table(result: dict[str, Any]) -> str:
             f"(search {r['awq']['search_seconds']:.0f} s)"
         )
     return "\n".join(lines)
+
+
+def run_demo(*, n_samples: int = 8, windows: int = 32, group_size: int = 64) -> dict[str, Any]:
+    """``make demo``: FP / RTN / AWQ on the bundled SmolLM2 and a sample from the AWQ model."""
+    from awq_jax.api import generate_text, load_model
+    from awq_jax.inference import prepare_for_inference
+
+    settings = SearchSettings(w_bit=4, group_size=group_size)
+    print(
+        f"awq-jax demo: SmolLM2-135M-Instruct (bundled), w4 g{group_size} asymmetric; "
+        f"AWQ calibration {n_samples} x 512 tokens of SOTU speeches <= 1989; perplexity on "
+        f"{windows} windows x 512 tokens of SOTU speeches >= 1990"
+    )
+    model = load_model()
+    result, awq_model = compare(
+        model,
+        settings,
+        {"n_samples": n_samples, "seqlen": 512},
+        windows=windows,
+        return_model=True,
+    )
+    print()
+    print(format_compare_table(result))
+    prompt = "The capital of France is"
+    text = generate_text(
+        awq_model.replace(params=prepare_for_inference(awq_model.params)),
+        prompt,
+        max_new_tokens=24,
+    )[0]
+    print(f"\nAWQ model, greedy: {prompt}{text}")
+    return result
