@@ -134,6 +134,7 @@ class TestTritonInterpret(_Int4MatmulCases):
             )
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 class TestGpu(_Int4MatmulCases):
     """Every backend compiled on the GPU, on Llama-like and awkward shapes."""
