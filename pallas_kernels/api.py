@@ -60,7 +60,7 @@ def int4_matmul(x: jax.Array, w: Int4Weight, *, implementation: str | None = Non
     lead = x.shape[:-1]
     x_mk = x.reshape(-1, w.k)
     if implementation is None:
-        impl = choose(x_mk.shape[0], w)
+        impl = choose(x_mk.shape[0], w) if x_mk.shape[0] else "xla"
         try:
             y = _run(impl, x_mk, w)
         except NotImplementedError:

@@ -11,7 +11,7 @@ kernels want the weight TRANSPOSED, two codes per byte, split by halves of a gro
   (``p & 0xF`` and ``p >> 4``) a contiguous K slice: a kernel never interleaves them,
   it runs one dot per plane against the matching half of x. Codes stay unsigned, so
   ``0x4300 | q`` is exactly the bf16 number ``128 + q`` (``0x6400 | q``: f16 1024 + q).
-* Tiled (``tile_n > 0``, the default when ``tile_n`` divides N): the same bytes
+* Tiled (``tile_n > 0``, the default on GPU when 64 divides N): the same bytes
   reordered to ``q_packed: uint8 [N / tile_n, K / G, tile_n, G / 2]``, so the
   ``[tile_n, G/2]`` tile a kernel reads per group is ONE contiguous 4 KB block and a
   program streaming K reads one contiguous run. With the plain ``[N, K/2]`` order each
@@ -118,7 +118,8 @@ def prepare_weight(
       zeros_gn: uint8 ``[K // group_size, N]`` integer zero points in ``[0, 16)``.
       group_size: rows of K that share one scale and zero point.
       tile_n: columns per contiguous tile (see the module docstring); None picks 64
-        when it divides N, else the plain order (0), which the kernels also accept.
+        when the default backend is a GPU and 64 divides N, else the plain order (0),
+        which every backend accepts (the CPU reference then skips a transpose).
 
     Returns:
       The weight as an :class:`Int4Weight` pytree. Pure jnp: jit it or run it on CPU.
@@ -132,7 +133,7 @@ def prepare_weight(
             f"got {scales_gn.shape} and {zeros_gn.shape}"
         )
     if tile_n is None:
-        tile_n = 64 if n % 64 == 0 else 0
+        tile_n = 64 if n % 64 == 0 and jax.default_backend() == "gpu" else 0
     if tile_n and n % tile_n:
         raise ValueError(f"tile_n={tile_n} must divide N={n}")
     q_nk2 = pack_codes(q_kn, group_size)

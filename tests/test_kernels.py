@@ -127,7 +127,7 @@ class TestTritonInterpret(_Int4MatmulCases):
         x = jnp.ones((2, 192), jnp.bfloat16)
         with pytest.raises(NotImplementedError):
             pallas_triton.int4_matmul_triton(x, w, config=pallas_triton.Config(block_n=64))
-        tiled, _ = random_weight(rng, 256, 128, 64)
+        tiled, _ = random_weight(rng, 256, 128, 64, tile_n=64)
         with pytest.raises(NotImplementedError, match="tile_n"):
             pallas_triton.int4_matmul_triton(
                 jnp.ones((2, 256), jnp.bfloat16), tiled, config=pallas_triton.Config(block_n=128)
@@ -171,7 +171,7 @@ class TestLayoutAndApi:
             np.testing.assert_array_equal(layout.unpack_codes(packed, gs), q.T)
 
     def test_weight_bytes(self) -> None:
-        w, _ = random_weight(np.random.default_rng(0), 512, 64, 128)
+        w, _ = random_weight(np.random.default_rng(0), 512, 64, 128, tile_n=64)
         assert w.q_packed.nbytes == 512 * 64 // 2
         assert w.tile_n == 64 and w.q_packed.shape == (1, 4, 64, 64)
         plain, _ = random_weight(np.random.default_rng(0), 512, 64, 128, tile_n=0)
@@ -202,6 +202,13 @@ class TestLayoutAndApi:
     def test_dequantize_matches_definition(self) -> None:
         w, w_kn = random_weight(np.random.default_rng(6), 128, 32, 32)
         np.testing.assert_allclose(np.asarray(dequantize(w)).T, w_kn, rtol=1e-6)
+
+    def test_empty_and_f32_inputs_fall_back(self) -> None:
+        w, w_kn = random_weight(np.random.default_rng(8), 256, 64, 64, tile_n=64)
+        assert int4_matmul(jnp.ones((0, 256), jnp.bfloat16), w).shape == (0, 64)
+        x = np.random.default_rng(9).standard_normal((2, 256)).astype(np.float32)
+        out = int4_matmul(jnp.asarray(x), w)  # f32: no kernel takes it; the reference does
+        assert out.dtype == jnp.float32 and rel_err(out, x @ w_kn) < 1e-5
 
     def test_unknown_implementation(self) -> None:
         w, _ = random_weight(np.random.default_rng(0), 64, 16, 32)
