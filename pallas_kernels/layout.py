@@ -124,6 +124,7 @@ def prepare_weight(
     Returns:
       The weight as an :class:`Int4Weight` pytree. Pure jnp: jit it or run it on CPU.
     """
+    q_kn, scales_gn, zeros_gn = (jnp.asarray(a) for a in (q_kn, scales_gn, zeros_gn))
     k, n = q_kn.shape
     check_group_size(k, group_size)
     g = k // group_size
