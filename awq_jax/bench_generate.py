@@ -31,7 +31,7 @@ import numpy as np
 
 from awq_jax.config import ModelConfig
 from awq_jax.generate import generate_tokens
-from awq_jax.inference import prepare_for_inference, weight_bytes
+from awq_jax.inference import Int4Linear, prepare_for_inference, weight_bytes
 from awq_jax.model import Transformer, causal_mask, init_params
 from awq_jax.pipeline import awq_quantize, rtn_quantize
 from awq_jax.search import SearchSettings
@@ -119,16 +119,20 @@ def run_generate(out: Path, *, quick: bool = False, config: ModelConfig = LLAMA3
     xla_cases = {(1, 128), (32, 128)}
     if quick:
         cases, xla_cases = [(1, 128), (32, 128)], {(1, 128)}
+    # One set of weights on the device at a time (an 8B model is 16 GB in bf16): the int4
+    # variants share one repacked weight (only the static implementation differs).
     params = random_params(config)
     q = rtn_quantize(config, params, SearchSettings(group_size=128))
-    variants = {
-        "bf16": prepare_for_inference(params),
-        "int4": prepare_for_inference(q, implementation=None),
-        "xla_int4": prepare_for_inference(q, implementation="xla"),
-    }
+    int4 = prepare_for_inference(q, implementation=None)
     del q
+    xla_int4 = jax.tree.map(
+        lambda x: dataclasses.replace(x, implementation="xla") if isinstance(x, Int4Linear) else x,
+        int4,
+        is_leaf=lambda x: isinstance(x, Int4Linear),
+    )
     records = []
-    for impl, p in variants.items():
+
+    def measure(impl: str, p: dict) -> None:
         wb = weight_bytes(p)
         wb_lin = weight_bytes(p, linear_only=True)
         for batch, prompt_len in cases:
@@ -150,6 +154,14 @@ def run_generate(out: Path, *, quick: bool = False, config: ModelConfig = LLAMA3
             }
             records.append(rec)
             print(json.dumps(rec), flush=True)
+
+    measure("int4", int4)
+    measure("xla_int4", xla_int4)
+    del int4, xla_int4
+    bf16 = prepare_for_inference(params)
+    del params
+    measure("bf16", bf16)
+    records.sort(key=lambda r: (r["prompt_len"], r["batch"], r["impl"] != "bf16"))
     _write(out, f"generate-{_device_tag()}", records, _generate_table(records))
     return records
 
