@@ -168,6 +168,8 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     from awq_jax.api import load_model
     from awq_jax.pipeline import quant_settings_from_args, quantize_model
 
+    if args.output and os.path.exists(args.output) and not args.overwrite:  # before the work
+        raise FileExistsError(f"{args.output} already exists; pass --overwrite to replace it")
     model = load_model(args.model, dtype=args.dtype)
     settings, calib = quant_settings_from_args(args)
     qmodel = quantize_model(model, settings, method=args.method, calib=calib)

@@ -152,3 +152,21 @@ def test_too_little_calibration_text(tmp_path: Path) -> None:
     short.write_text("Four score and seven years ago.")
     r = awq_jax("quantize", "--calib", str(short), "--n-samples", "2")
     assert_user_error(r, "fewer than")
+
+
+@pytest.mark.slow
+def test_output_exists(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    r = awq_jax("quantize", "--method", "rtn", "--output", str(tmp_path))
+    assert_user_error(r, "already exists", "--overwrite")
+    r = awq_jax("quantize", "--method", "rtn", "--output", str(tmp_path), "--overwrite")
+    assert_user_error(r, "refusing to overwrite")
+    assert (tmp_path / "notes.txt").read_text() == "not a checkpoint"
+
+
+def test_bench_needs_a_gpu() -> None:
+    import jax
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU is present")
+    assert_user_error(awq_jax("bench", "generate", "--quick", timeout=120), "GPU")
