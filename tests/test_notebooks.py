@@ -118,21 +118,24 @@ def test_kernels_with_benchmark_records(kernel_specs, tmp_path, monkeypatch) -> 
             "dtype": dtype,
             "impl": impl,
             "batch": b,
-            "prompt_len": 128,
+            "prompt_len": prompt_len,
             "new_tokens": 64,
             "prefill_tok_s": 5000.0 * b,
             "decode_tok_s": rate * b,
             "weight_bytes": size,
         }
         for dtype, impl, rate, size in [
-            ("bfloat16", "xla", 60.0, 16e9),
-            ("int4", "auto", 150.0, 4.5e9),
+            ("bfloat16", "bf16", 60.0, 16e9),
+            ("int4", "triton", 150.0, 6e9),
         ]
         for b in [1, 8]
+        for prompt_len in [128, 1024]
     ]
     (tmp_path / "kernels-h100.json").write_text(json.dumps(kernels))
     (tmp_path / "generate-h100.json").write_text(json.dumps(generate))
     monkeypatch.setenv("AWQ_JAX_BENCH_DIR", str(tmp_path))
     nb = execute(NOTEBOOKS / "03_kernels.ipynb", kernel_specs, timeout=300)
     assert n_images(nb) >= 2
-    assert "best int4 kernel 3.33x bf16" in outputs_text(nb)
+    text = outputs_text(nb)
+    assert "best int4 kernel 3.33x bf16" in text
+    assert "int4/triton': '5.59 GiB'" in text  # the weight sizes printed under the plot
