@@ -32,7 +32,7 @@ import numpy as np
 from awq_jax.config import ModelConfig
 from awq_jax.generate import generate_tokens
 from awq_jax.inference import Int4Linear, prepare_for_inference, weight_bytes
-from awq_jax.model import Transformer, causal_mask, init_params
+from awq_jax.model import Transformer, causal_mask, init_cache, init_params
 from awq_jax.pipeline import awq_quantize, rtn_quantize
 from awq_jax.search import SearchSettings
 
@@ -68,9 +68,7 @@ def random_params(config: ModelConfig, dtype=jnp.bfloat16) -> dict[str, Any]:
 @functools.partial(jax.jit, static_argnames=("config", "max_len"))
 def _prefill(config, params, tokens_bt, max_len):
     b, t = tokens_bt.shape
-    shape = (config.num_layers, b, max_len, config.num_kv_heads, config.head_dim)
-    dtype = params["embed_tokens"]["embedding"].dtype
-    cache = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    cache = init_cache(config, params, b, max_len)
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     key_valid = jnp.arange(max_len)[None, :] < t
     mask = causal_mask(positions, jnp.broadcast_to(key_valid, (b, max_len)))
@@ -113,12 +111,23 @@ def bench_generate_one(
     }
 
 
-def run_generate(out: Path, *, quick: bool = False, config: ModelConfig = LLAMA3_8B) -> list:
+DEFAULT_CASES = ((1, 128), (8, 128), (32, 128), (1, 2048), (8, 2048), (32, 2048))
+IMPLS = ("int4", "xla_int4", "bf16")
+
+
+def run_generate(
+    out: Path,
+    *,
+    quick: bool = False,
+    config: ModelConfig = LLAMA3_8B,
+    impls: tuple[str, ...] = IMPLS,
+    cases: tuple[tuple[int, int], ...] = DEFAULT_CASES,
+) -> list:
+    """Generate throughput per (implementation, batch, prompt length); see the module doc."""
     new_tokens = 256
-    cases = [(1, 128), (8, 128), (32, 128), (1, 2048), (8, 2048), (32, 2048)]
     xla_cases = {(1, 128), (32, 128)}
     if quick:
-        cases, xla_cases = [(1, 128), (32, 128)], {(1, 128)}
+        cases, xla_cases = ((1, 128), (32, 128)), {(1, 128)}
     # One set of weights on the device at a time (an 8B model is 16 GB in bf16): the int4
     # variants share one repacked weight (only the static implementation differs).
     params = random_params(config)
@@ -155,12 +164,15 @@ def run_generate(out: Path, *, quick: bool = False, config: ModelConfig = LLAMA3
             records.append(rec)
             print(json.dumps(rec), flush=True)
 
-    measure("int4", int4)
-    measure("xla_int4", xla_int4)
+    if "int4" in impls:
+        measure("int4", int4)
+    if "xla_int4" in impls:
+        measure("xla_int4", xla_int4)
     del int4, xla_int4
-    bf16 = prepare_for_inference(params)
-    del params
-    measure("bf16", bf16)
+    if "bf16" in impls:
+        bf16 = prepare_for_inference(params)
+        del params
+        measure("bf16", bf16)
     records.sort(key=lambda r: (r["prompt_len"], r["batch"], r["impl"] != "bf16"))
     _write(out, f"generate-{_device_tag()}", records, _generate_table(records))
     return records
@@ -236,6 +248,16 @@ def main(args) -> None:
         )
     out = Path(args.out)
     if args.what == "generate":
-        run_generate(out, quick=args.quick)
+        impls = tuple(args.impls.split(",")) if args.impls else IMPLS
+        unknown = set(impls) - set(IMPLS)
+        if unknown:
+            raise ValueError(f"unknown --impls {sorted(unknown)}; choose from {IMPLS}")
+        cases = DEFAULT_CASES
+        if args.cases:
+            try:
+                cases = tuple(tuple(int(v) for v in c.split("x")) for c in args.cases.split(","))
+            except ValueError as e:
+                raise ValueError(f"--cases takes BATCHxPROMPT,..., got {args.cases!r}") from e
+        run_generate(out, quick=args.quick, impls=impls, cases=cases)
     else:
         run_search(out, quick=args.quick)

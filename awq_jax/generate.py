@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from awq_jax.config import ModelConfig
-from awq_jax.model import Transformer, causal_mask
+from awq_jax.model import Transformer, causal_mask, init_cache
 
 __all__ = ["Sampling", "generate", "generate_tokens"]
 
@@ -84,9 +84,7 @@ def generate_tokens(
     b, t = tokens_bt.shape
     s = t + max_new_tokens
     model = Transformer(config)
-    dtype = params["embed_tokens"]["embedding"].dtype
-    cache_shape = (config.num_layers, b, s, config.num_kv_heads, config.head_dim)
-    cache = (jnp.zeros(cache_shape, dtype), jnp.zeros(cache_shape, dtype))
+    cache = init_cache(config, params, b, s)
     key_valid_bs = jnp.concatenate([valid_bt, jnp.ones((b, max_new_tokens), bool)], axis=1)
     lengths_b = valid_bt.sum(axis=-1).astype(jnp.int32)
     eos = jnp.asarray(eos_ids if eos_ids else (-2,), jnp.int32)

@@ -6,7 +6,11 @@
   launch each instead of three / two); the model picks the fused layout up by itself;
 - every `QuantizedTensor` kernel (4-bit) becomes an `Int4Linear`: the weight repacked by
   `pallas_kernels.prepare_weight` into the kernels' layout, so `awq_jax.linear.linear` routes
-  it to `pallas_kernels.int4_matmul` (Pallas kernels on GPU, the jnp reference elsewhere).
+  it to `pallas_kernels.int4_matmul` (Pallas kernels on GPU, the jnp reference elsewhere);
+- the stacked layer axis is split into a list of per-layer trees, which the model runs as an
+  unrolled loop with a per-layer KV cache: a scan over stacked weights slices (copies) each
+  layer's weights and rewrites the stacked cache on every decode step, which costs a large
+  share of the memory bandwidth that decoding is bound by.
 
 The model function is unchanged: only leaves and names of the params pytree differ.
 """
@@ -72,9 +76,13 @@ def _fuse(mods: dict[str, Any], names: tuple[str, ...], fused: str) -> dict[str,
 
 
 def prepare_for_inference(
-    params: Params, *, fuse: bool = True, implementation: str | None = None
+    params: Params,
+    *,
+    fuse: bool = True,
+    unstack: bool = True,
+    implementation: str | None = None,
 ) -> Params:
-    """Fused projections and `Int4Linear` kernels (see the module docstring)."""
+    """Fused projections, `Int4Linear` kernels, one param tree per layer (module docstring)."""
     layers = dict(params["layers"])
     if fuse:
         layers["self_attn"] = _fuse(layers["self_attn"], ("q_proj", "k_proj", "v_proj"), "qkv_proj")
@@ -86,6 +94,9 @@ def prepare_for_inference(
         return leaf
 
     layers = jax.tree.map(convert, layers, is_leaf=lambda x: isinstance(x, QuantizedTensor))
+    if unstack:
+        n = jax.tree.leaves(layers)[0].shape[0]
+        layers = [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)]
     return {**params, "layers": layers}
 
 

@@ -30,18 +30,19 @@ __all__ = [
     "MLP",
     "Attention",
     "Block",
+    "KVCache",
     "Linear",
     "RMSNorm",
-    "KVCache",
     "Transformer",
     "causal_mask",
     "forward",
+    "init_cache",
     "init_params",
     "rope_cos_sin",
 ]
 
 Params = dict[str, Any]
-KVCache = tuple[jax.Array, jax.Array]  # k, v: [L, B, S, K, H] (stacked) or [B, S, K, H]
+KVCache = tuple  # (k, v) of [L, B, S, K, H] (stacked), or per layer (k, v) of [B, S, K, H]
 
 
 class RMSNorm(nn.Module):
@@ -233,14 +234,28 @@ class Transformer(nn.Module):
         )
         x_btd = embed(tokens_bt)
         cos, sin = rope_cos_sin(c, positions_bt)
-        layers = nn.scan(
-            Block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=c.num_layers,
-        )
-        x_btd, cache = layers(c, name="layers")(x_btd, cache, cos, sin, mask_bts, cache_index)
+        unstacked = None if self.is_initializing() else self.variables["params"]["layers"]
+        if isinstance(unstacked, list | tuple):
+            # Inference layout (see `awq_jax.inference`): one param tree and one KV cache per
+            # layer, unrolled. Nothing is sliced out of a stacked array at run time, so no
+            # weight or cache is copied per step.
+            caches = []
+            for i, layer in enumerate(unstacked):
+                layer_cache = None if cache is None else cache[i]
+                x_btd, layer_cache = Block(c).apply(
+                    {"params": layer}, x_btd, layer_cache, cos, sin, mask_bts, cache_index
+                )
+                caches.append(layer_cache)
+            cache = None if cache is None else tuple(caches)
+        else:
+            layers = nn.scan(
+                Block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=c.num_layers,
+            )
+            x_btd, cache = layers(c, name="layers")(x_btd, cache, cos, sin, mask_bts, cache_index)
         if last_only:
             x_btd = x_btd[:, -1:]
         x_btd = RMSNorm(c.rms_norm_eps, name="norm")(x_btd)
@@ -249,6 +264,20 @@ class Transformer(nn.Module):
         else:
             logits = Linear(c.vocab_size, name="lm_head")(x_btd)
         return logits.astype(jnp.float32), cache
+
+
+def init_cache(config: ModelConfig, params: Params, batch: int, max_len: int):
+    """A zero KV cache in the params' dtype, in the layout the params use.
+
+    Stacked params (``params["layers"]`` a dict, scanned): ``(k, v)`` of ``[L, B, S, K, H]``.
+    Unstacked inference params (a list of layers): a tuple of per-layer ``(k, v)``.
+    """
+    dtype = params["embed_tokens"]["embedding"].dtype
+    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    if isinstance(params["layers"], list | tuple):
+        return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in params["layers"])
+    stacked = (config.num_layers, *shape)
+    return (jnp.zeros(stacked, dtype), jnp.zeros(stacked, dtype))
 
 
 def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> Params:

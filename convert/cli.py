@@ -311,6 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["generate", "search"])
     p.add_argument("--out", default="docs/benchmarks", help="folder for the JSON/markdown")
     p.add_argument("--quick", action="store_true", help="fewer configurations (smoke test)")
+    p.add_argument(
+        "--impls",
+        default=None,
+        help="generate: comma-separated subset of int4,xla_int4,bf16 (default all)",
+    )
+    p.add_argument(
+        "--cases",
+        default=None,
+        help="generate: comma-separated BATCHxPROMPT cases (default 1x128,8x128,"
+        "32x128,1x2048,8x2048,32x2048)",
+    )
     p.set_defaults(func=_cmd_bench)
     return parser
 

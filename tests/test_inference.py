@@ -42,10 +42,9 @@ def tiny():
 def test_fused_float_params_compute_the_same(tiny):
     params, _ = tiny
     fused = prepare_for_inference(params)
-    assert (
-        "qkv_proj" in fused["layers"]["self_attn"] and "q_proj" not in fused["layers"]["self_attn"]
-    )
-    assert "gate_up_proj" in fused["layers"]["mlp"]
+    assert len(fused["layers"]) == TINY.num_layers  # one param tree per layer, unrolled
+    attn, mlp = fused["layers"][0]["self_attn"], fused["layers"][0]["mlp"]
+    assert "qkv_proj" in attn and "q_proj" not in attn and "gate_up_proj" in mlp
     tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, TINY.vocab_size)
     np.testing.assert_allclose(
         np.asarray(forward(TINY, fused, tokens)),
@@ -59,7 +58,8 @@ def test_int4_params_match_fake_quantization(tiny):
     _, q = tiny
     int4 = prepare_for_inference(q)
     kernels = jax.tree.leaves(int4["layers"], is_leaf=lambda x: isinstance(x, Int4Linear))
-    assert sum(isinstance(k, Int4Linear) for k in kernels) == 4  # qkv, o, gate_up, down
+    # qkv, o, gate_up, down in each layer
+    assert sum(isinstance(k, Int4Linear) for k in kernels) == 4 * TINY.num_layers
     tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, TINY.vocab_size)
     # Same integer weights, same float32 math up to summation order.
     np.testing.assert_allclose(
