@@ -215,9 +215,16 @@ def tune_candidates(m: int, k: int, n: int, gs: int) -> list[pallas_triton.Confi
             (2048, c(block_m=1, block_n=64, fma=True)),
             (2048, c(block_m=1, block_n=128, fma=True)),
             (1024, c(block_n=64, swap=True)),
+            (1024, c(block_n=64, asm_dequant=True)),
+            (1024, c(block_n=64, swap=True, asm_dequant=True)),
         ]
     elif m <= 16:
-        cands = [(1024, c(block_n=64, swap=True)), (2048, c(block_n=64, swap=True))]
+        cands = [
+            (1024, c(block_n=64, swap=True)),
+            (2048, c(block_n=64, swap=True)),
+            (1024, c(block_n=64, swap=True, asm_dequant=True)),
+            (1024, c(block_n=64, asm_dequant=True)),
+        ]
     else:
         cands = [
             (1024, c(block_m=64, block_n=64, swap=True)),

@@ -12,6 +12,11 @@ loads). Two ways to dequantize:
   per output: ``acc += s * (d - (magic + z) * sum_k x)``. ~1 integer op per weight
   element instead of a convert, a subtract and a multiply.
 * ``scale_after_dot=False``: ``w = (q - z) * s`` per element in f32, rounded to x.dtype.
+* ``asm_dequant=True``: inline PTX turns 4 packed bytes (8 codes) into the EXACT small
+  integers ``q - z`` as four bf16x2 / f16x2 words (4 PRMT, 1 SHR, 4 LOP3 ``magic | q``,
+  4 packed FMAs ``(magic + q) - (magic + z)``: ~1.4 instructions per code instead of a
+  per-element unpack, zero-extend, OR and repack), one dot per nibble plane, and the
+  group's scale once per output: ``acc += s * d``. No ``sum_k x`` term is needed.
 
 ``swap=True`` computes ``acc^T[bn, bm] = w[bn, G/2] @ x^T``: the weight is the MMA's
 A operand (M = bn >= 64, so Hopper can use wgmma with A in registers) and tokens are
@@ -57,6 +62,7 @@ class Config:
     scale_after_dot: bool = True
     swap: bool = False
     fma: bool = False
+    asm_dequant: bool = False
 
 
 def _is_pow2(v: int) -> bool:
@@ -67,6 +73,8 @@ def check_supported(w: Int4Weight, cfg: Config) -> None:
     """Raises NotImplementedError for shapes/configs this kernel cannot run."""
     problems = []
     step = w.group_size * cfg.groups_per_step
+    if cfg.asm_dequant and cfg.fma:
+        problems.append("asm_dequant feeds a tensor-core dot: fma must be False")
     if cfg.fma and cfg.block_m != 1:
         problems.append("fma runs one token per program: block_m must be 1")
     if not cfg.fma and not (_is_pow2(cfg.block_m) and cfg.block_m >= 16):
@@ -92,6 +100,50 @@ def _magic(dtype: jnp.dtype) -> tuple[int, float]:
     raise NotImplementedError(f"activations must be bf16 or f16, got {dtype}")
 
 
+# One instance per 4 packed bytes (pack=4) and nibble plane: $2 = bytes e0..e3, $3/$4 =
+# -(magic + z) of elements (e0, e1) / (e2, e3) as 16-bit pairs; outputs $0/$1 = q - z of
+# (e0, e1) / (e2, e3). The high plane first shifts the word right by 4. PRMT 0x4140
+# spreads bytes 0, 1 into the low bytes of the two 16-bit halves (0x4342: bytes 2, 3),
+# LOP3 0xEA = (a & b) | c makes each half ``magic | q`` = the float magic + q, and the
+# packed FMA subtracts magic + z exactly (all values are small integers). Element order
+# is kept, so the op is elementwise whatever layout Triton gives the tensors. (Two
+# single-output calls: jax's lowering of a multi-output inline asm returns one value.)
+_DEQUANT_ASM = """{{
+.reg .b32 r0, r1, src, zero, one;
+mov.b32 zero, 0;
+mov.b32 one, {one};
+{shift}
+prmt.b32 r0, src, zero, 0x4140;
+prmt.b32 r1, src, zero, 0x4342;
+lop3.b32 r0, r0, 0x000F000F, {magic2}, 0xEA;
+lop3.b32 r1, r1, 0x000F000F, {magic2}, 0xEA;
+fma.rn.{ty}x2 $0, r0, one, $3;
+fma.rn.{ty}x2 $1, r1, one, $4;
+}}"""
+
+
+def _dequant_qz(p, zm, dtype, interpret: bool):
+    """uint8 codes p[bn, h] and zm = magic + z [bn] -> exact (q_lo - z, q_hi - z) in dtype."""
+    if interpret:  # the interpreter cannot run PTX: the same exact values in jnp
+        zf = zm[:, None] - _magic(dtype)[1]
+        return (
+            ((p & 0xF).astype(jnp.float32) - zf).astype(dtype),
+            ((p >> 4).astype(jnp.float32) - zf).astype(dtype),
+        )
+    bits, _ = _magic(dtype)
+    one, ty = (0x3F803F80, "bf16") if dtype == jnp.bfloat16 else (0x3C003C00, "f16")
+    nz = jnp.broadcast_to((-zm).astype(dtype)[:, None], p.shape)
+    out = jax.ShapeDtypeStruct(p.shape, dtype)
+    planes = []
+    for shift in ("mov.b32 src, $2;", "shr.b32 src, $2, 4;"):
+        asm = _DEQUANT_ASM.format(one=hex(one), magic2=hex(bits << 16 | bits), ty=ty, shift=shift)
+        [w] = pltriton.elementwise_inline_asm(
+            asm, args=[p, nz], constraints="=r,=r,r,r,r", pack=4, result_shape_dtypes=[out]
+        )
+        planes.append(w)
+    return planes[0], planes[1]
+
+
 def _kernel(
     x_ref,
     q_ref,
@@ -104,6 +156,7 @@ def _kernel(
     steps: int,
     tiled: bool,
     cfg: Config,
+    interpret: bool = False,
 ):
     """One program: tokens [bm] x columns [bn] x K rows of split ``program_id(1)``."""
     pid_n, pid_s, pid_m = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -148,6 +201,12 @@ def _kernel(
                 acc += (wa * s16 + bias) * xa.astype(jnp.float32) + (wb * s16 + bias) * xb.astype(
                     jnp.float32
                 )  # [bn, h]; xa, xb are [1, h]
+            elif cfg.asm_dequant:
+                wa, wb = _dequant_qz(p, z + magic, dtype, interpret)
+                if cfg.swap:
+                    acc += s[:, None] * (dot(wa, xa) + dot(wb, xb))  # [bn, bm]
+                else:
+                    acc += s[None, :] * (dot(xa, wa) + dot(xb, wb))  # [bm, bn]
             elif cfg.scale_after_dot:
                 wa = jax.lax.bitcast_convert_type((p & 0xF).astype(jnp.uint16) | bits, dtype)
                 wb = jax.lax.bitcast_convert_type((p >> 4).astype(jnp.uint16) | bits, dtype)
@@ -203,7 +262,13 @@ def int4_matmul_triton(
     else:
         out_shape = jax.ShapeDtypeStruct((cfg.split_k, m, w.n), jnp.float32)
     kernel = functools.partial(
-        _kernel, m=m, group_size=w.group_size, steps=steps, tiled=bool(w.tile_n), cfg=cfg
+        _kernel,
+        m=m,
+        group_size=w.group_size,
+        steps=steps,
+        tiled=bool(w.tile_n),
+        cfg=cfg,
+        interpret=interpret,
     )
     whole = pl.BlockSpec(memory_space=pl.ANY)
     out = pl.pallas_call(

@@ -23,6 +23,8 @@ TABLE_PATH = pathlib.Path(__file__).with_name("tuned_configs.json")
 _MAX_TRITON_M = 128
 # Programs wanted in flight for a memory-bound launch: a few per SM of an H100.
 _TARGET_PROGRAMS = 4 * 132
+# Weights at least this large (K * N) get the inline-PTX dequant at M <= 16.
+_ASM_MIN_KN = 32 * 1024 * 1024
 
 
 def _is_gpu(device_kind: str) -> bool:
@@ -69,22 +71,24 @@ def triton_config(
 ) -> pallas_triton.Config:
     """Tuned config if the table has one, else the heuristic below.
 
-    Heuristic (from the H100 sweeps): one token -> the FMA (GEMV) variant; up to 16
-    tokens -> swapped-operand dot with block_n 64; more -> block_m 64. ~1024 K rows per
-    program (split-K) keeps hundreds of programs in flight for 4096-wide layers.
+    Heuristic (from the H100 sweeps, docs/kernels.md run 6): up to 16 tokens -> the
+    inline-PTX dequant (``asm_dequant``), non-swapped for one token and swapped for
+    more (measured 1.2-1.4x faster than the plain swapped dot on the four large
+    Llama-3 layers; on 4096x4096 it is 0-9% slower, so small layers keep the plain
+    swapped dot); more -> block_m 64. ~1024 K rows per program (split-K) keeps hundreds
+    of programs in flight for 4096-wide layers.
     """
     entry = _lookup(device_kind, m, k, n, group_size)
     if entry is not None and entry["impl"] == "triton":
         return pallas_triton.Config(**entry["config"])
     block_n = 64 if n % 64 == 0 else 32
-    if m == 1:
+    split_k = _split_for(k, 1024, group_size)
+    if m <= 16:
+        asm = k * n >= _ASM_MIN_KN
         return pallas_triton.Config(
-            block_m=1, block_n=block_n, split_k=_split_for(k, 1024, group_size), fma=True
+            block_n=block_n, split_k=split_k, swap=m > 1 or not asm, asm_dequant=asm
         )
-    block_m = 16 if m <= 16 else 64
-    return pallas_triton.Config(
-        block_m=block_m, block_n=block_n, split_k=_split_for(k, 1024, group_size), swap=True
-    )
+    return pallas_triton.Config(block_m=64, block_n=block_n, split_k=split_k, swap=True)
 
 
 def config_to_dict(cfg: pallas_triton.Config) -> dict:

@@ -97,6 +97,8 @@ class TestTritonInterpret(_Int4MatmulCases):
         pallas_triton.Config(block_n=64, swap=True),
         pallas_triton.Config(block_n=32, split_k=2, scale_after_dot=False, groups_per_step=2),
         pallas_triton.Config(block_m=1, block_n=32, split_k=2, fma=True),
+        pallas_triton.Config(block_n=64, split_k=2, swap=True, asm_dequant=True),
+        pallas_triton.Config(block_n=32, groups_per_step=2, asm_dequant=True),
     ]
 
     def matmul(self, x, w):
@@ -109,7 +111,7 @@ class TestTritonInterpret(_Int4MatmulCases):
         return pallas_triton.int4_matmul_triton(x, w, config=cfg, interpret=True)
 
     @pytest.mark.parametrize("tile_n", [0, 32])
-    @pytest.mark.parametrize("cfg_idx", range(4))
+    @pytest.mark.parametrize("cfg_idx", range(6))
     def test_each_config(self, cfg_idx: int, tile_n: int) -> None:
         rng = np.random.default_rng(7 + cfg_idx)
         w, w_kn = random_weight(rng, 512, 64, 64, tile_n=tile_n)
