@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
+from tiny_configs import HF_BASE, HF_CONFIGS
 
 from awq_jax.api import Model, load_model
 from awq_jax.checkpoint import (
@@ -39,25 +40,7 @@ from awq_jax.search import SearchSettings
 from awq_jax.weights import params_to_hf
 from convert.autoawq import load_checkpoint, save_checkpoint
 
-_BASE = dict(
-    vocab_size=101,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    head_dim=16,
-    max_position_embeddings=256,
-)
-# As tests/test_model.py's CONFIGS: one per family feature the checkpoint must carry.
-CONFIGS = {
-    "llama_gqa_untied": dict(
-        _BASE, model_type="llama", num_key_value_heads=2, tie_word_embeddings=False
-    ),
-    "qwen2_bias": dict(_BASE, model_type="qwen2", num_key_value_heads=2, tie_word_embeddings=False),
-    "qwen3_qknorm": dict(
-        _BASE, model_type="qwen3", num_key_value_heads=2, tie_word_embeddings=False
-    ),
-}
+CONFIGS = HF_CONFIGS
 GROUP = 32  # divides 64 and 96
 _NP_DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
@@ -348,7 +331,7 @@ def test_model_packed_by_autoawq(tmp_path, tokenizer_dir):
     """
     from refenv import run_reference
 
-    ids = np.random.default_rng(0).integers(0, _BASE["vocab_size"], (2, 16)).astype(np.int64)
+    ids = np.random.default_rng(0).integers(0, HF_BASE["vocab_size"], (2, 16)).astype(np.int64)
     np.save(tmp_path / "ids.npy", ids)
     names = ["llama_gqa_untied", "qwen2_bias"]
     jobs = [

@@ -18,50 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from refenv import run_reference
+from tiny_configs import HF_BASE, HF_CONFIGS
 
 from awq_jax.config import ModelConfig, UnsupportedModelError
 from awq_jax.model import forward
 from awq_jax.weights import CheckpointError, load_params, read_config
 
-_BASE = dict(
-    vocab_size=101,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    head_dim=16,
-    max_position_embeddings=256,
-)
-CONFIGS = {
-    "llama_mha_tied": dict(
-        _BASE, model_type="llama", num_key_value_heads=4, tie_word_embeddings=True
-    ),
-    "llama_gqa_llama3_rope": dict(
-        _BASE,
-        model_type="llama",
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        rope_theta=500000.0,
-        rope_scaling=dict(
-            rope_type="llama3",
-            factor=8.0,
-            low_freq_factor=1.0,
-            high_freq_factor=4.0,
-            original_max_position_embeddings=64,
-        ),
-    ),
-    "mistral_gqa": dict(
-        _BASE,
-        model_type="mistral",
-        num_key_value_heads=1,
-        tie_word_embeddings=False,
-        sliding_window=None,
-    ),
-    "qwen2_bias": dict(_BASE, model_type="qwen2", num_key_value_heads=2, tie_word_embeddings=False),
-    "qwen3_qknorm": dict(
-        _BASE, model_type="qwen3", num_key_value_heads=2, tie_word_embeddings=False
-    ),
-}
+CONFIGS = HF_CONFIGS
 REL_TOL_TINY = 1e-5
 REL_TOL_REAL = 1e-4
 
@@ -74,7 +37,7 @@ def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
 def hf_models(tmp_path_factory) -> dict[str, tuple[Path, np.ndarray, np.ndarray]]:
     """Each config built, saved and run by transformers, in one reference process."""
     root = tmp_path_factory.mktemp("hf")
-    ids = np.random.default_rng(0).integers(0, _BASE["vocab_size"], (2, 24)).astype(np.int64)
+    ids = np.random.default_rng(0).integers(0, HF_BASE["vocab_size"], (2, 24)).astype(np.int64)
     np.save(root / "ids.npy", ids)
     jobs = [
         {
