@@ -177,3 +177,15 @@ def test_rtn_quantizes_every_linear_and_nothing_else():
     flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(is_q)[0]}
     assert sum(flat.values()) == 7
     assert not any(v for k, v in flat.items() if "norm" in k or "embed" in k or "lm_head" in k)
+
+
+def test_nan_weights_are_refused_with_the_path():
+    from awq_jax.api import Model
+    from awq_jax.pipeline import quantize_model
+
+    params, _ = _layer(GQA)
+    kernel = params["layers"]["mlp"]["up_proj"]["kernel"]
+    params["layers"]["mlp"]["up_proj"]["kernel"] = kernel.at[1, 2, 3].set(jnp.nan)
+    model = Model(GQA, params, tokenizer=None, path=None, hf_config={})
+    with pytest.raises(ValueError, match="non-finite values in layers/mlp/up_proj"):
+        quantize_model(model, SETTINGS, method="rtn")
