@@ -132,10 +132,11 @@ def model_perplexity(
     desc: str = "perplexity",
 ) -> dict[str, Any]:
     """Perplexity with the project's protocol (awq_jax.eval) on the SOTU evaluation speeches."""
-    from awq_jax.eval import eval_text, perplexity
+    from awq_jax.bundled import sotu_text
+    from awq_jax.eval import perplexity
     from awq_jax.tokenizer import encode
 
-    ids = encode(model.tokenizer, eval_text() if text is None else text)
+    ids = encode(model.tokenizer, sotu_text("eval") if text is None else text)
     return perplexity(
         model.config,
         model.params,

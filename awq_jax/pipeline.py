@@ -26,11 +26,11 @@ from awq_jax.quantizer import QuantizedTensor, quantize
 from awq_jax.scale_groups import scale_groups
 from awq_jax.search import (
     SearchSettings,
-    _get,
-    _kv_expand,
-    _replace,
     apply_clip,
     apply_scales,
+    get_path,
+    kv_expand,
+    replace_path,
     search_clip,
     search_scales,
 )
@@ -64,7 +64,7 @@ def _record_block(config: ModelConfig, layer: Params, x: jax.Array, rope_mask: t
         {"params": layer}, x, None, cos, sin, mask, mutable=["intermediates"]
     )
     inter = state["intermediates"]
-    return out, {path: _get(inter, path)["input"][0] for path in LINEARS}
+    return out, {path: get_path(inter, path)["input"][0] for path in LINEARS}
 
 
 def _record(config, layer, x, rope_mask, chunk_seqs):
@@ -80,14 +80,14 @@ def _record(config, layer, x, rope_mask, chunk_seqs):
 
 def _quantize_linears(layer: Params, settings: SearchSettings) -> Params:
     for path in LINEARS:
-        kernel = _get(layer, (*path, "kernel"))
+        kernel = get_path(layer, (*path, "kernel"))
         qt = quantize(
             kernel,
             bits=settings.w_bit,
             group_size=settings.group_size,
             zero_point=settings.zero_point,
         )
-        layer = _replace(layer, (*path, "kernel"), qt)
+        layer = replace_path(layer, (*path, "kernel"), qt)
     return layer
 
 
@@ -121,16 +121,16 @@ def awq_quantize_layer(
         row_scale = {p: None for p in LINEARS}
         for group, s in chosen:
             for p in group.linears:
-                row_scale[p] = _kv_expand(s, config) if group.shared_kv else s
+                row_scale[p] = kv_expand(s, config) if group.shared_kv else s
         for path in LINEARS:
             if path in _NO_CLIP:
                 continue
             x_lin = inputs[path]
             if row_scale[path] is not None:
                 x_lin = x_lin / row_scale[path].astype(x_lin.dtype)
-            kernel = _get(scaled, (*path, "kernel"))
+            kernel = get_path(scaled, (*path, "kernel"))
             max_val = search_clip(settings, kernel, x_lin)
-            scaled = _replace(scaled, (*path, "kernel"), apply_clip(kernel, max_val))
+            scaled = replace_path(scaled, (*path, "kernel"), apply_clip(kernel, max_val))
     return _quantize_linears(scaled, settings), out, records
 
 
@@ -246,7 +246,7 @@ def quantize_model(
     from awq_jax.calib import calibration_blocks, read_text_files
 
     for path in LINEARS:
-        kernel = _get(model.params["layers"], (*path, "kernel"))
+        kernel = get_path(model.params["layers"], (*path, "kernel"))
         if not jnp.all(jnp.isfinite(kernel)):
             raise ValueError(f"non-finite values in layers/{'/'.join(path)}: cannot quantize")
     info: dict[str, Any] = {

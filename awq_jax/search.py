@@ -29,6 +29,9 @@ __all__ = [
     "apply_clip",
     "apply_scales",
     "candidate_scales",
+    "get_path",
+    "kv_expand",
+    "replace_path",
     "search_clip",
     "search_scales",
 ]
@@ -80,27 +83,27 @@ class SearchSettings:
 # ------------------------------------------------------------------------------ statistics
 
 
-def _get(tree: Layer, path: tuple[str, ...]) -> Any:
+def get_path(tree: Layer, path: tuple[str, ...]) -> Any:
     for p in path:
         tree = tree[p]
     return tree
 
 
-def _replace(tree: Layer, path: tuple[str, ...], value: Any) -> Layer:
+def replace_path(tree: Layer, path: tuple[str, ...], value: Any) -> Layer:
     """A copy of ``tree`` with ``tree[path] = value`` (dicts along the path copied)."""
     if not path:
         return value
     out = dict(tree)
-    out[path[0]] = _replace(tree[path[0]], path[1:], value)
+    out[path[0]] = replace_path(tree[path[0]], path[1:], value)
     return out
 
 
-def _kv_reduce(v: jax.Array, config: ModelConfig) -> jax.Array:
+def kv_reduce(v: jax.Array, config: ModelConfig) -> jax.Array:
     """``[N*H] -> [K*H]``: mean over the query heads that share a kv head."""
     return v.reshape(config.num_kv_heads, config.q_per_kv, config.head_dim).mean(1).reshape(-1)
 
 
-def _kv_expand(s: jax.Array, config: ModelConfig) -> jax.Array:
+def kv_expand(s: jax.Array, config: ModelConfig) -> jax.Array:
     """``[K*H] -> [N*H]``: repeat each kv channel's scale over its query heads."""
     s = s.reshape(config.num_kv_heads, 1, config.head_dim)
     return jnp.broadcast_to(s, (config.num_kv_heads, config.q_per_kv, config.head_dim)).reshape(-1)
@@ -145,7 +148,7 @@ def _inspect(
     if group.inspect == "mlp":
         return MLP(config).apply({"params": layer["mlp"]}, x)
     (path,) = group.linears
-    p = _get(layer, path)
+    p = get_path(layer, path)
     y = jnp.einsum("...k,kn->...n", x, p["kernel"], preferred_element_type=jnp.float32)
     return y + p["bias"] if "bias" in p else y
 
@@ -161,12 +164,12 @@ def scaled_layer(
     config: ModelConfig, group: ScaleGroup, settings: SearchSettings, layer: Layer, s: jax.Array
 ) -> Layer:
     """The layer with each of the group's kernels replaced by ``Q(W * s) / s`` (rows)."""
-    s_rows = _kv_expand(s, config) if group.shared_kv else s
+    s_rows = kv_expand(s, config) if group.shared_kv else s
     for path in group.linears:
-        kernel = _get(layer, (*path, "kernel"))
+        kernel = get_path(layer, (*path, "kernel"))
         w = kernel.astype(jnp.float32) * s_rows[:, None]
         w_q = settings.quant(w) / s_rows[:, None]
-        layer = _replace(layer, (*path, "kernel"), w_q.astype(kernel.dtype))
+        layer = replace_path(layer, (*path, "kernel"), w_q.astype(kernel.dtype))
     return layer
 
 
@@ -191,11 +194,11 @@ def search_scales(
     the identity (plain RTN, ``s = 1``) first, then the grid; the winner's index. The identity
     is always a candidate, so the chosen scales never score worse than RTN on this loss.
     """
-    kernels = [_get(layer, (*p, "kernel")) for p in group.linears]
+    kernels = [get_path(layer, (*p, "kernel")) for p in group.linears]
     x_mean = activation_mean(x_in)
     w_mean = weight_mean(kernels, settings.group_size)
     if group.shared_kv:
-        x_mean, w_mean = _kv_reduce(x_mean, config), _kv_reduce(w_mean, config)
+        x_mean, w_mean = kv_reduce(x_mean, config), kv_reduce(w_mean, config)
 
     x_chunks = _chunks(x_in, settings.chunk_seqs)
     out_fp = jax.lax.map(lambda x: _inspect(config, group, layer, x, rope_mask), x_chunks)
@@ -228,8 +231,8 @@ def apply_scales(config: ModelConfig, group: ScaleGroup, layer: Layer, s: jax.Ar
 
     Exact in real arithmetic: the layer computes the same function (tested in float32).
     """
-    s_rows = _kv_expand(s, config) if group.shared_kv else s
-    prev = _get(layer, group.prev)
+    s_rows = kv_expand(s, config) if group.shared_kv else s
+    prev = get_path(layer, group.prev)
     if "scale" in prev:  # RMSNorm weight
         new_prev = {
             **prev,
@@ -244,11 +247,11 @@ def apply_scales(config: ModelConfig, group: ScaleGroup, layer: Layer, s: jax.Ar
         }
         if "bias" in prev:
             new_prev["bias"] = (prev["bias"].astype(jnp.float32) / s).astype(prev["bias"].dtype)
-    layer = _replace(layer, group.prev, new_prev)
+    layer = replace_path(layer, group.prev, new_prev)
     for path in group.linears:
-        kernel = _get(layer, (*path, "kernel"))
+        kernel = get_path(layer, (*path, "kernel"))
         new = (kernel.astype(jnp.float32) * s_rows[:, None]).astype(kernel.dtype)
-        layer = _replace(layer, (*path, "kernel"), new)
+        layer = replace_path(layer, (*path, "kernel"), new)
     return layer
 
 
