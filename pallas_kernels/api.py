@@ -42,7 +42,7 @@ def _run(impl: str, x_mk: jax.Array, w: Int4Weight) -> jax.Array:
 
 def choose(m: int, w: Int4Weight) -> str:
     """The implementation dispatch uses for ``M`` tokens on the default device."""
-    return tuning.choose_implementation(_device_kind(), m, w.k, w.n, w.group_size)
+    return tuning.choose_implementation(_device_kind(), m, w.k, w.n, w.group_size, w.fmt)
 
 
 def int4_matmul(x: jax.Array, w: Int4Weight, *, implementation: str | None = None) -> jax.Array:

@@ -3,6 +3,7 @@
     python -m pallas_kernels.bench                       # full table -> docs/benchmarks/
     python -m pallas_kernels.bench --shapes 8b --ms 1,16 --out-dir /tmp/b
     python -m pallas_kernels.bench --sweep triton ...    # time Triton configs (tuning)
+    python -m pallas_kernels.bench --sweep mosaic ...    # time Mosaic GPU configs
 
 Method: CUPTI kernel time (``profiler.measure``) of a jitted function that runs the
 matmul once per weight set, over >= 4 distinct weight sets totalling > 200 MB (so each
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -28,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import api, pallas_triton
-from pallas_kernels.layout import Int4Weight, prepare_weight
+from pallas_kernels import api, pallas_mosaic_gpu, pallas_triton
+from pallas_kernels.layout import Int4Weight, default_format, prepare_weight
 from pallas_kernels.reference import dequantize
 
 SHAPES = {
@@ -67,32 +69,45 @@ class Problem:
     k: int
     n: int
     group_size: int
-    w4: list[Int4Weight]
+    w4: dict[str, list[Int4Weight]]  # by format ("u4_split", "s4"), same codes
     w16_kn: list[jax.Array]
     ref_w_nk: jax.Array  # f32 dequantized weight of set 0, for the correctness check
 
 
-def make_problem(k: int, n: int, group_size: int, seed: int, tile_n: int | None = None) -> Problem:
-    """Random codes, scales and zero points; as many sets as the L2-defeating rule needs."""
+def make_problem(
+    k: int,
+    n: int,
+    group_size: int,
+    seed: int,
+    tile_n: int | None = None,
+    fmts: tuple[str, ...] = ("u4_split", "s4"),
+) -> Problem:
+    """Random codes, scales and zero points; as many sets as the L2-defeating rule needs.
+
+    Every format in ``fmts`` holds the same codes, so each backend reads its own layout.
+    """
     nbytes4 = k * n // 2 + 4 * (k // group_size) * n
     sets4 = max(4, math.ceil(MIN_SET_BYTES / nbytes4))
     sets16 = max(4, math.ceil(MIN_SET_BYTES / (2 * k * n)))
 
-    @jax.jit
-    def one(key):
+    @functools.partial(jax.jit, static_argnames="fmt")
+    def one(key, fmt):
         kq, ks, kz = jax.random.split(key, 3)
         q = jax.random.randint(kq, (k, n), 0, 16, jnp.int32).astype(jnp.uint8)
         s = jax.random.uniform(ks, (k // group_size, n), jnp.float32, 0.5, 1.5) / 64
         z = jax.random.randint(kz, (k // group_size, n), 0, 16, jnp.int32).astype(jnp.uint8)
-        return prepare_weight(q, s.astype(jnp.float16), z, group_size=group_size, tile_n=tile_n)
+        return prepare_weight(
+            q, s.astype(jnp.float16), z, group_size=group_size, tile_n=tile_n, fmt=fmt
+        )
 
     keys = jax.random.split(jax.random.key(seed), max(sets4, sets16))
-    w4 = [one(kk) for kk in keys[:sets4]]
+    w4 = {fmt: [one(kk, fmt) for kk in keys[:sets4]] for fmt in fmts}
+    first = next(iter(w4.values()))
     to16 = jax.jit(lambda w: dequantize(w, jnp.bfloat16).T)
-    w16 = [to16(w4[i % sets4]) for i in range(sets16)]
+    w16 = [to16(first[i % sets4]) for i in range(sets16)]
     # Distinct bf16 sets even where they share int4 codes: add a tiny per-set offset.
     w16 = [w + jnp.bfloat16(i * 2**-10) for i, w in enumerate(w16)]
-    ref = jax.jit(lambda w: dequantize(w, jnp.float32))(w4[0])
+    ref = jax.jit(lambda w: dequantize(w, jnp.float32))(first[0])
     return Problem(k, n, group_size, w4, w16, ref)
 
 
@@ -141,23 +156,23 @@ def _bf16_dot(x_mk: jax.Array, w_kn: jax.Array) -> jax.Array:
 
 
 def impl_fns(names: list[str]) -> dict:
-    """name -> (fn(x, w), uses_bf16_weights)."""
+    """name -> (fn(x, w), weights: "bf16" or the int4 format it reads)."""
     table = {
-        "bf16": (_bf16_dot, True),
-        "xla_int4": (lambda x, w: api.int4_matmul(x, w, implementation="xla"), False),
-        "triton": (lambda x, w: api.int4_matmul(x, w, implementation="triton"), False),
-        "mosaic": (lambda x, w: api.int4_matmul(x, w, implementation="mosaic"), False),
-        "auto": (lambda x, w: api.int4_matmul(x, w), False),
+        "bf16": (_bf16_dot, "bf16"),
+        "xla_int4": (lambda x, w: api.int4_matmul(x, w, implementation="xla"), "u4_split"),
+        "triton": (lambda x, w: api.int4_matmul(x, w, implementation="triton"), "u4_split"),
+        "mosaic": (lambda x, w: api.int4_matmul(x, w, implementation="mosaic"), "s4"),
+        "auto": (lambda x, w: api.int4_matmul(x, w), default_format()),
     }
     return {n: table[n] for n in names}
 
 
-def measure_one(p: Problem, m: int, name: str, fn, bf16_weights: bool, seed: int) -> dict:
-    ws = p.w16_kn if bf16_weights else p.w4
+def measure_one(p: Problem, m: int, name: str, fn, weights: str, seed: int) -> dict:
+    ws = p.w16_kn if weights == "bf16" else p.w4[weights]
     xs = make_xs(m, p.k, 4, seed)
     rec = {"k": p.k, "n": p.n, "m": m, "impl": name, "us": None, "rel_err": None}
     try:
-        ref_w = p.w16_kn[0].astype(jnp.float32).T if bf16_weights else p.ref_w_nk
+        ref_w = p.w16_kn[0].astype(jnp.float32).T if weights == "bf16" else p.ref_w_nk
         ref = jnp.dot(xs[0].astype(jnp.float32), ref_w.T, precision="highest")
         rec["rel_err"], rec["us"], rec["kernels"] = check_and_time(fn, xs, ws, ref)
         if rec["us"] is None:
@@ -242,12 +257,43 @@ def tune_candidates(m: int, k: int, n: int, gs: int) -> list[pallas_triton.Confi
     return out
 
 
+def mosaic_sweep_configs(m: int, k: int, n: int, gs: int) -> list[pallas_mosaic_gpu.Config]:
+    """Mosaic GPU configs to time in --sweep mosaic mode."""
+    c = pallas_mosaic_gpu.Config
+    cands = []  # (K rows per CTA, config)
+    for bn in (64, 128):
+        for rows in (512, 1024, 2048):
+            cands.append((rows, c(block_n=bn, block_k=256)))
+    cands += [
+        (1024, c(block_n=128, block_k=128)),
+        (1024, c(block_n=128, block_k=256, max_concurrent_steps=2)),
+        (2048, c(block_n=128, block_k=256, max_concurrent_steps=6)),
+        (1024, c(block_n=128, block_k=512, max_concurrent_steps=2)),
+        (1024, c(block_n=128, block_k=256, a_in_smem=True)),
+    ]
+    if m > 64:
+        cands = [(r, dataclasses.replace(c_, block_n=64)) for r, c_ in cands if c_.block_n == 128]
+    out = []
+    for rows, cfg in cands:
+        if k % rows:
+            continue
+        cfg = dataclasses.replace(cfg, split_k=k // rows)
+        try:
+            pallas_mosaic_gpu.check_supported(m, _FakeW(k, n, gs, fmt="s4"), jnp.bfloat16, cfg)
+        except NotImplementedError:
+            continue
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class _FakeW:
     k: int
     n: int
     group_size: int
     tile_n: int = 0
+    fmt: str = "u4_split"
 
 
 def write_tuned_table(records: list[dict], group_size: int, path: pathlib.Path) -> None:
@@ -367,8 +413,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--sweep",
         default="",
-        help="'triton': time a grid of Triton configs; 'tune': time the tuning candidates "
-        "and write tuned_configs.json (copy it into pallas_kernels/ and commit it)",
+        help="'triton': time a grid of Triton configs; 'mosaic': the same for Mosaic GPU; "
+        "'tune': time the Triton tuning candidates and write tuned_configs.json (copy it "
+        "into pallas_kernels/ and commit it)",
     )
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting work after")
     args = ap.parse_args(argv)
@@ -401,16 +448,27 @@ def main(argv: list[str] | None = None) -> None:
                     )
                     fns[name] = (
                         lambda x, w, c=cfg: pallas_triton.int4_matmul_triton(x, w, config=c),
-                        False,
+                        "u4_split",
+                    )
+                fns = {**impl_fns([i for i in args.impls.split(",") if i]), **fns}
+            elif args.sweep == "mosaic":
+                fns = {}
+                for cfg in mosaic_sweep_configs(m, k, n, args.group_size):
+                    name = "mosaic:" + ",".join(
+                        f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+                    )
+                    fns[name] = (
+                        lambda x, w, c=cfg: pallas_mosaic_gpu.int4_matmul_mosaic(x, w, config=c),
+                        "s4",
                     )
                 fns = {**impl_fns([i for i in args.impls.split(",") if i]), **fns}
             else:
                 fns = impl_fns(args.impls.split(","))
-            chose = api.choose(m, p.w4[0])
+            chose = api.choose(m, p.w4[default_format()][0])
             auto_rec = None
             if "auto" in fns:  # time auto first: a backend it picked is not timed twice
                 fns = {"auto": fns.pop("auto"), **fns}
-            for name, (fn, b16) in fns.items():
+            for name, (fn, weights) in fns.items():
                 if auto_rec is not None and _IMPL_OF.get(name) == chose:
                     rec = {**auto_rec, "impl": name, "same_as_auto": True}
                 elif name == "xla_int4" and 16 < m <= 128 and chose == "triton":
@@ -434,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
                         "error": f"not timed above M={MAX_TRITON_BENCH_M} (dispatch uses xla)",
                     }
                 else:
-                    rec = measure_one(p, m, name, fn, b16, seed=1000 * si + m)
+                    rec = measure_one(p, m, name, fn, weights, seed=1000 * si + m)
                 if name == "auto":
                     rec["chose"] = chose
                     auto_rec = rec
@@ -453,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
             write_tuned_table(records, args.group_size, out_dir / "tuned_configs.json")
         best = {}
         for r in records:
-            if r["impl"].startswith("triton:") and r["us"]:
+            if r["impl"].startswith(("triton:", "mosaic:")) and r["us"]:
                 key = (r["k"], r["n"], r["m"])
                 if key not in best or r["us"] < best[key]["us"]:
                     best[key] = r

@@ -228,7 +228,7 @@ def time_load_only(p: bench.Problem, split_k: int) -> float:
     to32 = jax.jit(
         lambda q: jax.lax.bitcast_convert_type(q.reshape(*q.shape[:-1], -1, 4), jnp.uint32)
     )
-    qs = [to32(w.q_packed) for w in p.w4]
+    qs = [to32(w.q_packed) for w in p.w4["u4_split"]]
     f = jax.jit(lambda qs: [load_only(q, split_k) for q in qs])
     jax.block_until_ready(f(qs))
     _, times = profiler.measure(f, iterations=20)(qs)
@@ -266,24 +266,24 @@ def main(argv: list[str] | None = None) -> None:
             print("budget reached", flush=True)
             break
         k, n = (int(v) for v in shape.split("x"))
-        p = bench.make_problem(k, n, 128, seed=si)
-        nbytes = p.w4[0].nbytes
+        p = bench.make_problem(k, n, 128, seed=si, fmts=("u4_split",))
+        nbytes = p.w4["u4_split"][0].nbytes
         for m in (int(v) for v in args.ms.split(",")):
             fns = {}
             if args.baselines:
-                fns["bf16"] = (bench._bf16_dot, True)
+                fns["bf16"] = (bench._bf16_dot, "bf16")
                 fns["dispatch"] = (
                     lambda x, w: api.int4_matmul(x, w, implementation="triton"),
-                    False,
+                    "u4_split",
                 )
             for name, cfg in variants(m, k, n).items():
                 if name == "tuned":
                     continue
-                fns[name] = (lambda x, w, c=cfg: int4_matmul_triton(x, w, config=c), False)
-            for name, (fn, b16) in fns.items():
+                fns[name] = (lambda x, w, c=cfg: int4_matmul_triton(x, w, config=c), "u4_split")
+            for name, (fn, weights) in fns.items():
                 if time.time() - t0 > args.budget_s:
                     break
-                rec = bench.measure_one(p, m, name, fn, b16, seed=1000 * si + m)
+                rec = bench.measure_one(p, m, name, fn, weights, seed=1000 * si + m)
                 if name != "bf16":
                     cfg = variants(m, k, n).get(name) or variants(m, k, n)["tuned"]
                     rec["config"] = dataclasses.asdict(cfg)

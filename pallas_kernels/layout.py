@@ -22,6 +22,12 @@ kernels want the weight TRANSPOSED, two codes per byte, split by halves of a gro
 * ``zeros_gn``: ``float16 [K // group_size, N]`` the integer zero point ``z`` (0..15)
   as a float, exact in f16, so kernels can fold it without an int conversion.
 
+* Signed (``fmt="s4"``, the Mosaic GPU backend's layout): ``q_packed`` is a plain
+  ``jnp.int4 [N, K]`` array holding ``q - 8`` (XLA packs two per byte, element ``2i`` in
+  the low nibble). Hopper's fast int4 -> bf16 conversion (PRMT/LOP3, as in CUTLASS) is
+  for SIGNED nibbles, and TMA copies ``[block_n, block_k]`` boxes of it straight into
+  swizzled shared memory, so no tiling is needed. The kernel adds ``8 - z`` per row.
+
 The nibble order of AWQ's own ``qweight`` checkpoints lives in ``convert/``; this module
 starts from plain unpacked codes ``q_kn`` so it never needs to know it.
 """
@@ -34,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 _SUPPORTED_GROUP_SIZES_NOTE = "group_size must be even and divide K (e.g. 32, 64, 128)"
+FORMATS = ("u4_split", "s4")
 
 
 @jax.tree_util.register_dataclass
@@ -42,16 +49,19 @@ class Int4Weight:
     """A grouped int4 weight in kernel layout (a JAX pytree; k, n, group_size static).
 
     ``W[k, n] = (q[k, n] - zeros_gn[g, n]) * scales_gn[g, n]``, ``g = k // group_size``,
-    with ``q`` packed into ``q_packed`` as described in the module docstring.
+    with ``q`` packed into ``q_packed`` as described in the module docstring: format
+    ``fmt="u4_split"`` (Triton and reference) or ``"s4"`` (Mosaic GPU and reference).
     """
 
-    q_packed: jax.Array  # uint8 [N/tile_n, K/G, tile_n, G/2] (tiled) or [N, K/2]
+    # u4_split: uint8 [N/tile_n, K/G, tile_n, G/2] (tiled) or [N, K/2]; s4: int4 [N, K]
+    q_packed: jax.Array
     scales_gn: jax.Array  # float16 [K // group_size, N]
     zeros_gn: jax.Array  # float16 [K // group_size, N], integer zero points 0..15
     k: int = dataclasses.field(metadata=dict(static=True))
     n: int = dataclasses.field(metadata=dict(static=True))
     group_size: int = dataclasses.field(metadata=dict(static=True))
     tile_n: int = dataclasses.field(default=0, metadata=dict(static=True))
+    fmt: str = dataclasses.field(default="u4_split", metadata=dict(static=True))
 
     @property
     def num_groups(self) -> int:
@@ -60,16 +70,29 @@ class Int4Weight:
     @property
     def q_nk2(self) -> jax.Array:
         """The packed codes in plain ``[N, K // 2]`` order (a transpose if tiled)."""
+        if self.fmt == "s4":
+            return pack_codes(self.codes_nk().T, self.group_size)
         if not self.tile_n:
             return self.q_packed
         h = self.group_size // 2
         q = self.q_packed.transpose(0, 2, 1, 3)  # [N/tn, tn, K/G, h]
         return q.reshape(self.n, self.num_groups * h)
 
+    def codes_nk(self) -> jax.Array:
+        """The unsigned codes ``q`` as ``uint8 [N, K]``, whatever the format."""
+        if self.fmt == "s4":
+            return (self.q_packed.astype(jnp.int8) + 8).astype(jnp.uint8)
+        return unpack_codes(self.q_nk2, self.group_size)
+
     @property
     def nbytes(self) -> int:
         """Device bytes of the weight: packed codes plus f16 scales and zeros."""
         return self.k * self.n // 2 + 2 * 2 * self.num_groups * self.n
+
+
+def default_format() -> str:
+    """The format :func:`prepare_weight` writes when none is asked for."""
+    return "u4_split"
 
 
 def check_group_size(k: int, group_size: int) -> None:
@@ -109,6 +132,7 @@ def prepare_weight(
     *,
     group_size: int,
     tile_n: int | None = None,
+    fmt: str | None = None,
 ) -> Int4Weight:
     """Repacks unpacked AWQ-style codes into the kernel layout (once, at load time).
 
@@ -117,9 +141,12 @@ def prepare_weight(
       scales_gn: float ``[K // group_size, N]`` scales (f16, bf16 or f32; stored as f16).
       zeros_gn: uint8 ``[K // group_size, N]`` integer zero points in ``[0, 16)``.
       group_size: rows of K that share one scale and zero point.
-      tile_n: columns per contiguous tile (see the module docstring); None picks 64
-        when the default backend is a GPU and 64 divides N, else the plain order (0),
-        which every backend accepts (the CPU reference then skips a transpose).
+      tile_n: columns per contiguous tile of the ``u4_split`` format (see the module
+        docstring); None picks 64 when the default backend is a GPU and 64 divides N,
+        else the plain order (0), which every backend accepts (the CPU reference then
+        skips a transpose). Ignored for ``s4``.
+      fmt: ``"u4_split"`` (the Triton kernel's layout) or ``"s4"`` (Mosaic GPU's);
+        None: :func:`default_format`.
 
     Returns:
       The weight as an :class:`Int4Weight` pytree. Pure jnp: jit it or run it on CPU.
@@ -132,6 +159,19 @@ def prepare_weight(
         raise ValueError(
             f"scales/zeros must be [K//group_size, N] = {(g, n)}; "
             f"got {scales_gn.shape} and {zeros_gn.shape}"
+        )
+    fmt = fmt or default_format()
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}; got {fmt!r}")
+    if fmt == "s4":
+        return Int4Weight(
+            q_packed=(q_kn.T.astype(jnp.int8) - 8).astype(jnp.int4),
+            scales_gn=scales_gn.astype(jnp.float16),
+            zeros_gn=zeros_gn.astype(jnp.float16),
+            k=k,
+            n=n,
+            group_size=group_size,
+            fmt=fmt,
         )
     if tile_n is None:
         tile_n = 64 if n % 64 == 0 and jax.default_backend() == "gpu" else 0

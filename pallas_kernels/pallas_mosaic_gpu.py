@@ -1,28 +1,189 @@
-"""Mosaic GPU (Hopper) backend: placeholder until the wgmma kernel lands."""
+"""Mosaic GPU backend (Hopper): TMA-pipelined int4 dequantize + wgmma, swapped operands.
+
+The product is computed transposed, ``out^T[N, M] = W^T[N, K] @ x^T[K, M]``, so the
+weight is wgmma's A operand (M = block_n rows, a multiple of 64) and the tokens are its
+N dimension (8..256): at decode a 16-token tile wastes nothing, where a token-major MMA
+would pad 1 token to 64 rows. Per CTA (one warpgroup):
+
+* ``emit_pipeline`` streams ``[block_n, block_k]`` tiles of the ``s4`` weight (TMA into
+  swizzled shared memory), the matching ``[m_pad, block_k]`` x tile and the
+  ``[block_k / G, block_n]`` scales and zero points, ``max_concurrent_steps`` deep.
+* Per group: the int4 tile is loaded to registers and upcast with Mosaic's fast signed
+  int4 -> bf16 conversion, ``z - 8`` is subtracted per row (exact small integers, so the
+  dot is exact up to f32 accumulation), one wgmma chain multiplies it (A from registers)
+  by the x slice (B from shared memory, transposed view), and the group's scale is applied
+  once per output element in f32: ``acc += s[:, None] * acc_g``. At decode the
+  accumulator is 8-16 values per thread, so this costs far less than scaling every weight.
+* Split-K: the grid is ``(N / block_n, split_k, M / block_m)``; each CTA writes an f32
+  partial ``[block_n, block_m]`` through shared memory and TMA, and XLA sums the partials
+  (one small fusion), so a 4096-wide layer at batch 1 still launches enough CTAs.
+
+``a_in_smem=True`` stores the dequantized tile to shared memory and runs wgmma with
+both operands there. It is slower (an extra shared-memory round trip) but it is the
+variant the Mosaic GPU interpreter can run (its wgmma takes shared-memory operands only),
+so CPU tests check the pipeline, indexing and dequantization through it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.layout import Int4Weight
+
+# wgmma's N (tokens per CTA) must be a multiple of 8 and at most 256.
+MAX_BLOCK_M = 256
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Block sizes of the Mosaic GPU kernel."""
+    """Tile sizes of the Mosaic GPU kernel.
+
+    block_n: weight rows (output columns) per CTA, a multiple of 64 (wgmma M).
+    block_m: tokens per CTA (None: M rounded up to 8, or 16 above 8); <= 256.
+    block_k: K rows per pipeline step, a multiple of the group size (>= 64).
+    split_k: CTAs along K, each reducing ``K / split_k`` rows into an f32 partial.
+    max_concurrent_steps: pipeline depth (TMA copies in flight per CTA).
+    a_in_smem: stage the dequantized tile in shared memory (see the module docstring).
+    """
 
     block_n: int = 128
-    block_m: int = 16
-    block_k: int = 128
+    block_m: int | None = None
+    block_k: int = 256
     split_k: int = 1
     max_concurrent_steps: int = 4
+    a_in_smem: bool = False
 
 
+def _swizzle(row_bytes: int) -> int:
+    """The largest TMA swizzle (bytes) a row of ``row_bytes`` holds whole."""
+    for s in (128, 64, 32):
+        if row_bytes % s == 0:
+            return s
+    raise NotImplementedError(f"a tile row of {row_bytes} bytes is below the 32-byte swizzle")
+
+
+def _tiled(swizzle: int, bits: int) -> tuple:
+    return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
+
+
+def block_m_for(m: int, cfg: Config) -> int:
+    if cfg.block_m is not None:
+        return cfg.block_m
+    return 8 if m <= 8 else min(MAX_BLOCK_M, -(-m // 16) * 16)
+
+
+def check_supported(m: int, w: Int4Weight, dtype: jnp.dtype, cfg: Config) -> None:
+    """Raises NotImplementedError for inputs this kernel cannot run."""
+    problems = []
+    bm = block_m_for(m, cfg)
+    g = w.group_size
+    if w.fmt != "s4":
+        problems.append(f"the weight must be in the 's4' format (prepare_weight), not {w.fmt!r}")
+    if dtype not in (jnp.bfloat16, jnp.float16):
+        problems.append(f"activations must be bf16 or f16, got {dtype}")
+    if g % 32 or g > cfg.block_k or cfg.block_k % g or cfg.block_k < 64:
+        problems.append(f"group_size={g} must be a multiple of 32 dividing block_k >= 64")
+    if cfg.block_n % 64 or w.n % cfg.block_n:
+        problems.append(f"block_n={cfg.block_n} must be a multiple of 64 dividing N={w.n}")
+    if bm % 8 or not 8 <= bm <= MAX_BLOCK_M:
+        problems.append(f"block_m={bm} must be a multiple of 8 in [8, {MAX_BLOCK_M}]")
+    if w.k % (cfg.split_k * cfg.block_k):
+        problems.append(f"K={w.k} must split into {cfg.split_k} x steps of block_k={cfg.block_k}")
+    if problems:
+        raise NotImplementedError("; ".join(problems))
+
+
+def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, o_smem, *a_smem, g, bm, steps, cfg):
+    bn, bk = cfg.block_n, cfg.block_k
+    dtype = x_gmem.dtype
+    ni, ki, mi = lax.axis_index("n"), lax.axis_index("k"), lax.axis_index("m")
+    x_swizzle = _swizzle(min(g, 64) * 2)  # an x slice per wgmma = one swizzle row
+    x_elems = x_swizzle // 2
+    row = plgpu.Layout.WGMMA.reduce(1)  # one value per accumulator row (weight row)
+
+    def body(_, w_smem, x_smem, s_smem, z_smem, acc):
+        w_tile = w_smem[...]  # int4 [bn, bk] in registers
+        for gi in range(bk // g):
+            zc = plgpu.load(z_smem.at[gi], layout=row).astype(jnp.float32) - 8.0
+            wq = w_tile[:, gi * g : (gi + 1) * g].astype(dtype)
+            wq = wq - lax.broadcast_in_dim(zc.astype(dtype), wq.shape, [0])  # q - z, exact
+            if cfg.a_in_smem:
+                a_smem[0][...] = wq
+                plgpu.commit_smem()
+
+            def group_dot(acc_ref, gi=gi, wq=wq):
+                for j in range(g // x_elems):
+                    cols = slice(j * x_elems, (j + 1) * x_elems)
+                    a = a_smem[0].at[:, cols] if cfg.a_in_smem else wq[:, cols]
+                    b = x_smem.at[:, pl.ds(gi * g + j * x_elems, x_elems)].T
+                    plgpu.wgmma(acc_ref, a, b)
+                return acc_ref[...]  # waits for the chain
+
+            acc_g = pl.run_scoped(group_dot, plgpu.ACC((bn, bm), jnp.float32))
+            s = plgpu.load(s_smem.at[gi], layout=row).astype(jnp.float32)
+            acc = acc + lax.broadcast_in_dim(s, acc.shape, [0]) * acc_g
+        return acc
+
+    k0 = ki * steps
+    w_bits = 4
+    w_swizzle = _swizzle(bk * w_bits // 8)
+    acc = plgpu.emit_pipeline(
+        body,
+        grid=(steps,),
+        in_specs=[
+            plgpu.BlockSpec((bn, bk), lambda i: (ni, k0 + i), transforms=_tiled(w_swizzle, 4)),
+            plgpu.BlockSpec((bm, bk), lambda i: (mi, k0 + i), transforms=_tiled(x_swizzle, 16)),
+            plgpu.BlockSpec((bk // g, bn), lambda i: (k0 + i, ni)),
+            plgpu.BlockSpec((bk // g, bn), lambda i: (k0 + i, ni)),
+        ],
+        max_concurrent_steps=min(cfg.max_concurrent_steps, steps),
+        init_carry=plgpu.layout_cast(jnp.zeros((bn, bm), jnp.float32), plgpu.Layout.WGMMA),
+    )(w_gmem, x_gmem, s_gmem, z_gmem)
+    o_smem[...] = acc
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[ki, pl.ds(ni * bn, bn), pl.ds(mi * bm, bm)])
+    plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def int4_matmul_mosaic(
-    x_mk: jax.Array, w: Int4Weight, *, config: Config | None = None
+    x_mk: jax.Array, w: Int4Weight, *, config: Config | None = None, interpret: bool = False
 ) -> jax.Array:
-    """Not implemented yet: raises so dispatch falls back."""
-    del x_mk, w, config
-    raise NotImplementedError("the Mosaic GPU int4 kernel is not implemented yet")
+    """``x[M, K] @ W`` through the Mosaic GPU kernel; returns ``[M, N]`` in x.dtype.
+
+    ``interpret=True`` runs the Mosaic GPU interpreter on the CPU (needs
+    ``a_in_smem=True``; small shapes only).
+    """
+    cfg = config or Config()
+    m, k = x_mk.shape
+    if k != w.k:
+        raise ValueError(f"x has K={k}, weight has K={w.k}")
+    check_supported(m, w, x_mk.dtype, cfg)
+    if interpret and not cfg.a_in_smem:
+        raise NotImplementedError("the Mosaic GPU interpreter needs a_in_smem=True")
+    bm = block_m_for(m, cfg)
+    m_pad = -(-m // bm) * bm
+    x = jnp.pad(x_mk, ((0, m_pad - m), (0, 0)))
+    g, bn = w.group_size, cfg.block_n
+    steps = k // (cfg.split_k * cfg.block_k)
+    scratch = [plgpu.SMEM((bn, bm), jnp.float32)]
+    if cfg.a_in_smem:
+        a_tiling = _tiled(_swizzle(min(g, 64) * 2), 16)
+        scratch.append(plgpu.SMEM((bn, g), x.dtype, transforms=a_tiling))
+    kernel = plgpu.kernel(
+        functools.partial(_kernel, g=g, bm=bm, steps=steps, cfg=cfg),
+        out_type=jax.ShapeDtypeStruct((cfg.split_k, w.n, m_pad), jnp.float32),
+        grid=(w.n // bn, cfg.split_k, m_pad // bm),
+        grid_names=("n", "k", "m"),
+        scratch_types=scratch,
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )
+    part = kernel(x, w.q_packed, w.scales_gn, w.zeros_gn)  # [split_k, N, m_pad] f32
+    return part.sum(axis=0)[:, :m].T.astype(x_mk.dtype)

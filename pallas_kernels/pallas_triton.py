@@ -73,6 +73,8 @@ def check_supported(w: Int4Weight, cfg: Config) -> None:
     """Raises NotImplementedError for shapes/configs this kernel cannot run."""
     problems = []
     step = w.group_size * cfg.groups_per_step
+    if w.fmt != "u4_split":
+        problems.append(f"the weight must be in the 'u4_split' format, not {w.fmt!r}")
     if cfg.asm_dequant and cfg.fma:
         problems.append("asm_dequant feeds a tensor-core dot: fma must be False")
     if cfg.fma and cfg.block_m != 1:

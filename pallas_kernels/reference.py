@@ -24,8 +24,18 @@ def _dequantize_planes(w: Int4Weight, dtype: jnp.dtype) -> tuple[jax.Array, jax.
     return lo.astype(dtype), hi.astype(dtype)
 
 
+def _dequantize_s4(w: Int4Weight, dtype: jnp.dtype) -> jax.Array:
+    """``W^T`` as ``dtype [N, K]`` from the signed format (``q - 8`` stored)."""
+    q_ngG = w.q_packed.astype(jnp.float32).reshape(w.n, w.num_groups, w.group_size)
+    zc = (w.zeros_gn.T.astype(jnp.float32) - 8.0)[:, :, None]
+    s = w.scales_gn.T.astype(jnp.float32)[:, :, None]
+    return ((q_ngG - zc) * s).astype(dtype).reshape(w.n, w.k)
+
+
 def dequantize(w: Int4Weight, dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """Returns ``W^T`` as ``dtype [N, K]``: ``(q - z) * s`` computed in f32, rounded once."""
+    if w.fmt == "s4":
+        return _dequantize_s4(w, dtype)
     lo, hi = _dequantize_planes(w, dtype)
     return jnp.stack([lo, hi], axis=2).reshape(w.n, w.k)
 
@@ -39,6 +49,10 @@ def int4_matmul_reference(x: jax.Array, w: Int4Weight) -> jax.Array:
     """
     if x.shape[-1] != w.k:
         raise ValueError(f"x has K={x.shape[-1]}, weight has K={w.k}")
+    if w.fmt == "s4":
+        w_nk = _dequantize_s4(w, x.dtype)
+        y = jnp.einsum("...k,nk->...n", x, w_nk, preferred_element_type=jnp.float32)
+        return y.astype(x.dtype)
     lo, hi = _dequantize_planes(w, x.dtype)
     x_g2h = x.reshape(*x.shape[:-1], w.num_groups, 2, w.group_size // 2)
     y = jnp.einsum("...gh,ngh->...n", x_g2h[..., 0, :], lo, preferred_element_type=jnp.float32)

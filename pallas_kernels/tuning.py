@@ -21,6 +21,9 @@ TABLE_PATH = pathlib.Path(__file__).with_name("tuned_configs.json")
 # Above this many tokens the Triton kernel (mma.sync on padded tiles) loses to
 # dequantize-then-cuBLAS: measured 3x slower than bf16 at M=1024, xla ~0.6x.
 _MAX_TRITON_M = 128
+# Above this many tokens the Mosaic kernel loses to dequantize-then-cuBLAS (placeholder
+# until measured).
+_MAX_MOSAIC_M = 256
 # Programs wanted in flight for a memory-bound launch: a few per SM of an H100.
 _TARGET_PROGRAMS = 4 * 132
 # Weights at least this large (K * N) get the inline-PTX dequant at M <= 16.
@@ -29,6 +32,10 @@ _ASM_MIN_KN = 32 * 1024 * 1024
 
 def _is_gpu(device_kind: str) -> bool:
     return device_kind.startswith("NVIDIA")
+
+
+def _is_hopper(device_kind: str) -> bool:
+    return any(name in device_kind for name in ("H100", "H200", "H800", "H20", "GH200"))
 
 
 @functools.cache
@@ -48,10 +55,14 @@ def _lookup(device_kind: str, m: int, k: int, n: int, group_size: int) -> dict |
     return min(entries, key=lambda e: e["m_max"]) if entries else None
 
 
-def choose_implementation(device_kind: str, m: int, k: int, n: int, group_size: int) -> str:
-    """The backend name dispatch runs for this shape."""
+def choose_implementation(
+    device_kind: str, m: int, k: int, n: int, group_size: int, fmt: str = "u4_split"
+) -> str:
+    """The backend name dispatch runs for this shape and weight format."""
     if not _is_gpu(device_kind):
         return "xla"
+    if fmt == "s4":
+        return "mosaic" if _is_hopper(device_kind) and m <= _MAX_MOSAIC_M else "xla"
     entry = _lookup(device_kind, m, k, n, group_size)
     if entry is not None:
         return entry["impl"]
@@ -98,5 +109,11 @@ def config_to_dict(cfg: pallas_triton.Config) -> dict:
 def mosaic_config(
     device_kind: str, m: int, k: int, n: int, group_size: int
 ) -> pallas_mosaic_gpu.Config:
-    del device_kind, m, k, n, group_size
-    return pallas_mosaic_gpu.Config()
+    """Heuristic Mosaic GPU config: 128 weight rows x ~1024 K rows per CTA."""
+    del device_kind
+    block_n = 128 if n % 128 == 0 and m <= 64 else 64
+    block_k = 256 if 256 % group_size == 0 else group_size
+    split_k = max(1, k // 1024)
+    while split_k > 1 and k % (split_k * block_k):
+        split_k -= 1
+    return pallas_mosaic_gpu.Config(block_n=block_n, block_k=block_k, split_k=split_k)

@@ -11,8 +11,16 @@ from awq_jax.config import ModelConfig
 from awq_jax.generate import Sampling, generate, generate_tokens
 from awq_jax.model import forward, init_params
 
-TINY = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2,
-                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512)
+TINY = ModelConfig(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +58,8 @@ def test_batch_invariance_real_model(bundled_model_dir):
     prompt = "The capital of France is"
     alone = generate_text(model, prompt, max_new_tokens=8)[0]
     batch = generate_text(
-        model, ["Once upon a time, in a small village by the sea, there lived", prompt, "Hi"],
+        model,
+        ["Once upon a time, in a small village by the sea, there lived", prompt, "Hi"],
         max_new_tokens=8,
     )
     assert batch[1] == alone
@@ -82,15 +91,16 @@ def test_sampling(tiny_params):
     prompt = [[5, 9, 2, 77, 31]]
     greedy = generate(TINY, tiny_params, prompt, max_new_tokens=6)
     # top_k=1 is greedy whatever the temperature.
-    assert generate(TINY, tiny_params, prompt, max_new_tokens=6,
-                    sampling=Sampling(temperature=5.0, top_k=1)) == greedy
+    assert (
+        generate(
+            TINY, tiny_params, prompt, max_new_tokens=6, sampling=Sampling(temperature=5.0, top_k=1)
+        )
+        == greedy
+    )
     hot = Sampling(temperature=2.0, top_p=0.95)
-    a = generate(TINY, tiny_params, prompt, max_new_tokens=6, sampling=hot,
-                 key=jax.random.key(1))
-    b = generate(TINY, tiny_params, prompt, max_new_tokens=6, sampling=hot,
-                 key=jax.random.key(1))
-    c = generate(TINY, tiny_params, prompt, max_new_tokens=6, sampling=hot,
-                 key=jax.random.key(2))
+    a = generate(TINY, tiny_params, prompt, max_new_tokens=6, sampling=hot, key=jax.random.key(1))
+    b = generate(TINY, tiny_params, prompt, max_new_tokens=6, sampling=hot, key=jax.random.key(1))
+    c = generate(TINY, tiny_params, prompt, max_new_tokens=6, sampling=hot, key=jax.random.key(2))
     assert a == b  # an explicit key makes sampling reproducible
     assert a != c  # and different keys give different samples (vocab 97, 6 tokens)
     with pytest.raises(ValueError, match="top_p"):
@@ -111,7 +121,8 @@ def test_perplexity_is_exp_mean_nll(tiny_params):
     logp = jax.nn.log_softmax(forward(TINY, tiny_params, jnp.asarray(ids[:192].reshape(3, 64))))
     nll = -np.take_along_axis(np.asarray(logp[:, :-1]), ids[:192].reshape(3, 64)[:, 1:, None], -1)
     assert r["ppl"] == pytest.approx(float(np.exp(nll.mean())), rel=1e-5)
-    assert perplexity(TINY, tiny_params, ids, seqlen=64, n_windows=1, progress=False)[
-        "windows"] == 1
+    assert (
+        perplexity(TINY, tiny_params, ids, seqlen=64, n_windows=1, progress=False)["windows"] == 1
+    )
     with pytest.raises(ValueError, match="fewer than one window"):
         perplexity(TINY, tiny_params, ids[:10], seqlen=64, progress=False)

@@ -1,9 +1,11 @@
 """Grouped int4 matmul: every backend against a float64 truth on random, awkward shapes.
 
 One base class holds the cases; ``TestTritonInterpret`` runs the Pallas-Triton kernel
-through the Pallas interpreter on the CPU (small shapes), ``TestGpu`` runs every backend
-compiled on a GPU and is skipped where there is none. Mosaic GPU has no CPU interpreter
-that runs this kernel, so it is only exercised by ``TestGpu``.
+through the Pallas interpreter on the CPU (small shapes), ``TestMosaicInterpret`` runs the
+Mosaic GPU kernel through the Mosaic GPU interpreter (its ``a_in_smem`` variant: the
+interpreter's wgmma reads shared-memory operands only), and ``TestGpu`` runs every
+backend compiled on a GPU, both variants of the Mosaic kernel included, and is skipped
+where there is none.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import Int4Weight, int4_matmul, layout, pallas_triton, prepare_weight
+from pallas_kernels import (
+    Int4Weight,
+    int4_matmul,
+    layout,
+    pallas_mosaic_gpu,
+    pallas_triton,
+    prepare_weight,
+)
 from pallas_kernels.reference import dequantize, int4_matmul_reference
 
 # ||out - truth|| / ||truth|| bounds. The kernels round the dequantized weight (or the
@@ -29,14 +38,24 @@ HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
 
 
 def random_weight(
-    rng: np.random.Generator, k: int, n: int, group_size: int, tile_n: int | None = None
+    rng: np.random.Generator,
+    k: int,
+    n: int,
+    group_size: int,
+    tile_n: int | None = None,
+    fmt: str | None = None,
 ):
     """Random codes, f16 scales and zero points; returns (Int4Weight, float64 W[K, N])."""
     q = rng.integers(0, 16, (k, n), dtype=np.uint8)
     s = (rng.uniform(0.5, 1.5, (k // group_size, n)) / 64).astype(np.float16)
     z = rng.integers(0, 16, (k // group_size, n), dtype=np.uint8)
     w = prepare_weight(
-        jnp.asarray(q), jnp.asarray(s), jnp.asarray(z), group_size=group_size, tile_n=tile_n
+        jnp.asarray(q),
+        jnp.asarray(s),
+        jnp.asarray(z),
+        group_size=group_size,
+        tile_n=tile_n,
+        fmt=fmt,
     )
     rep = lambda a: np.repeat(a.astype(np.float64), group_size, axis=0)  # noqa: E731
     return w, (q.astype(np.float64) - rep(z)) * rep(s)
@@ -52,6 +71,7 @@ class _Int4MatmulCases:
 
     # (M, K, N, group_size); subclasses may override with larger shapes.
     SHAPES: ClassVar = [(1, 256, 64, 64), (3, 256, 128, 32), (16, 512, 64, 128), (17, 256, 64, 64)]
+    FMT: ClassVar[str | None] = None  # the weight format (None: prepare_weight's default)
 
     def matmul(self, x: jax.Array, w: Int4Weight) -> jax.Array:
         raise NotImplementedError
@@ -61,7 +81,7 @@ class _Int4MatmulCases:
     def test_matches_truth(self, shape_idx: int, dtype) -> None:
         m, k, n, gs = self.SHAPES[shape_idx]
         rng = np.random.default_rng(1000 * shape_idx + (dtype == jnp.float16))
-        w, w_kn = random_weight(rng, k, n, gs)
+        w, w_kn = random_weight(rng, k, n, gs, fmt=self.FMT)
         x = rng.standard_normal((m, k)).astype(np.float32)
         out = self.matmul(jnp.asarray(x, dtype), w)
         assert out.shape == (m, n) and out.dtype == dtype
@@ -80,6 +100,10 @@ class TestReference(_Int4MatmulCases):
 
     def matmul(self, x, w):
         return jax.jit(int4_matmul_reference)(x, w)
+
+
+class TestReferenceS4(TestReference):
+    FMT = "s4"
 
 
 class TestDispatch(_Int4MatmulCases):
@@ -136,6 +160,49 @@ class TestTritonInterpret(_Int4MatmulCases):
             )
 
 
+class TestMosaicInterpret(_Int4MatmulCases):
+    """The Mosaic GPU kernel through the Mosaic GPU interpreter (CPU), several configs."""
+
+    FMT = "s4"
+    SHAPES: ClassVar = [(1, 512, 128, 128), (3, 256, 64, 32), (16, 512, 64, 64), (17, 256, 128, 64)]
+    CONFIGS: ClassVar = [
+        pallas_mosaic_gpu.Config(block_n=128, block_k=256, split_k=2, a_in_smem=True),
+        pallas_mosaic_gpu.Config(block_n=64, block_k=64, split_k=2, a_in_smem=True),
+        pallas_mosaic_gpu.Config(block_n=64, block_k=128, max_concurrent_steps=2, a_in_smem=True),
+        pallas_mosaic_gpu.Config(block_n=64, block_k=128, block_m=8, a_in_smem=True),
+    ]
+
+    def matmul(self, x, w):
+        cfg = self.CONFIGS[self.SHAPES.index((x.shape[0], w.k, w.n, w.group_size))]
+        return pallas_mosaic_gpu.int4_matmul_mosaic(x, w, config=cfg, interpret=True)
+
+    def test_lowers_for_the_gpu(self) -> None:
+        """The register-operand kernel (the one the GPU runs) lowers to Mosaic GPU on any host."""
+        w, _ = random_weight(np.random.default_rng(2), 1024, 256, 128, fmt="s4")
+        x = jax.ShapeDtypeStruct((16, 1024), jnp.bfloat16)
+        cfg = pallas_mosaic_gpu.Config(block_n=128, block_k=256, split_k=2)
+        fn = jax.jit(lambda x, w: pallas_mosaic_gpu.int4_matmul_mosaic(x, w, config=cfg))
+        text = fn.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in text
+
+    def test_unsupported_raises(self) -> None:
+        rng = np.random.default_rng(0)
+        u4, _ = random_weight(rng, 256, 64, 64, fmt="u4_split")
+        x = jnp.ones((2, 256), jnp.bfloat16)
+        with pytest.raises(NotImplementedError, match="s4"):
+            pallas_mosaic_gpu.int4_matmul_mosaic(x, u4)
+        s4, _ = random_weight(rng, 256, 96, 64, fmt="s4")  # N=96: no 64-row block divides it
+        with pytest.raises(NotImplementedError, match="block_n"):
+            pallas_mosaic_gpu.int4_matmul_mosaic(x, s4, config=pallas_mosaic_gpu.Config())
+        with pytest.raises(NotImplementedError, match="u4_split"):
+            pallas_triton.int4_matmul_triton(x, s4)
+        cfg = pallas_mosaic_gpu.Config(block_n=64, block_k=128)
+        with pytest.raises(NotImplementedError, match="a_in_smem"):
+            pallas_mosaic_gpu.int4_matmul_mosaic(
+                x, random_weight(rng, 256, 64, 64, fmt="s4")[0], config=cfg, interpret=True
+            )
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 class TestGpu(_Int4MatmulCases):
@@ -148,17 +215,30 @@ class TestGpu(_Int4MatmulCases):
         (100, 4096, 512, 128),
     ]
 
-    @pytest.fixture(params=["triton", "mosaic", None])
-    def impl(self, request):
-        return request.param
+    # (implementation, weight format, Mosaic config or None)
+    VARIANTS: ClassVar = [
+        ("triton", "u4_split", None),
+        ("mosaic", "s4", None),
+        ("mosaic", "s4", pallas_mosaic_gpu.Config(block_n=64, block_k=128, a_in_smem=True)),
+        (None, "u4_split", None),
+        (None, "s4", None),
+    ]
+
+    @pytest.fixture(params=range(len(VARIANTS)))
+    def variant(self, request):
+        return self.VARIANTS[request.param]
 
     @pytest.fixture(autouse=True)
-    def _bind(self, impl):
-        self._impl = impl
+    def _bind(self, variant):
+        self._impl, self.FMT, self._cfg = variant
 
     def matmul(self, x, w):
+        if self._cfg is not None:
+            fn = lambda x, w: pallas_mosaic_gpu.int4_matmul_mosaic(x, w, config=self._cfg)  # noqa: E731
+        else:
+            fn = lambda x, w: int4_matmul(x, w, implementation=self._impl)  # noqa: E731
         try:
-            return jax.jit(lambda x, w: int4_matmul(x, w, implementation=self._impl))(x, w)
+            return jax.jit(fn)(x, w)
         except NotImplementedError as e:
             pytest.skip(f"{self._impl} does not support this shape: {e}")
 
@@ -201,9 +281,26 @@ class TestLayoutAndApi:
         truth = np.asarray(x, np.float64) @ w_kn
         assert rel_err(out, truth) < TOLERANCE[jnp.bfloat16]
 
-    def test_dequantize_matches_definition(self) -> None:
-        w, w_kn = random_weight(np.random.default_rng(6), 128, 32, 32)
+    @pytest.mark.parametrize("fmt", layout.FORMATS)
+    def test_dequantize_matches_definition(self, fmt: str) -> None:
+        w, w_kn = random_weight(np.random.default_rng(6), 128, 32, 32, fmt=fmt)
+        assert w.fmt == fmt
         np.testing.assert_allclose(np.asarray(dequantize(w)).T, w_kn, rtol=1e-6)
+
+    def test_formats_hold_the_same_codes(self) -> None:
+        rng = np.random.default_rng(4)
+        q = rng.integers(0, 16, (256, 64), dtype=np.uint8)
+        ones, zeros = jnp.ones((4, 64), jnp.float16), jnp.zeros((4, 64), jnp.uint8)
+        ws = {
+            f: prepare_weight(jnp.asarray(q), ones, zeros, group_size=64, fmt=f)
+            for f in layout.FORMATS
+        }
+        assert ws["s4"].q_packed.dtype == jnp.int4 and ws["s4"].q_packed.shape == (64, 256)
+        for w in ws.values():
+            np.testing.assert_array_equal(w.codes_nk(), q.T)
+        np.testing.assert_array_equal(ws["s4"].q_nk2, ws["u4_split"].q_nk2)
+        with pytest.raises(ValueError, match="fmt"):
+            prepare_weight(jnp.asarray(q), ones, zeros, group_size=64, fmt="u8")
 
     def test_empty_and_f32_inputs_fall_back(self) -> None:
         w, w_kn = random_weight(np.random.default_rng(8), 256, 64, 64, tile_n=64)
