@@ -258,21 +258,16 @@ def tune_candidates(m: int, k: int, n: int, gs: int) -> list[pallas_triton.Confi
 
 
 def mosaic_sweep_configs(m: int, k: int, n: int, gs: int) -> list[pallas_mosaic_gpu.Config]:
-    """Mosaic GPU configs to time in --sweep mosaic mode."""
+    """Mosaic GPU configs to time in --sweep mosaic mode (around the heuristic)."""
     c = pallas_mosaic_gpu.Config
     cands = []  # (K rows per CTA, config)
-    for bn in (64, 128):
-        for rows in (512, 1024, 2048):
-            cands.append((rows, c(block_n=bn, block_k=256)))
-    cands += [
-        (1024, c(block_n=128, block_k=128)),
-        (1024, c(block_n=128, block_k=256, max_concurrent_steps=2)),
-        (2048, c(block_n=128, block_k=256, max_concurrent_steps=6)),
-        (1024, c(block_n=128, block_k=512, max_concurrent_steps=2)),
-        (1024, c(block_n=128, block_k=256, a_in_smem=True)),
-    ]
-    if m > 64:
-        cands = [(r, dataclasses.replace(c_, block_n=64)) for r, c_ in cands if c_.block_n == 128]
+    for rows in (1024, 2048):
+        for bn in (64, 128):
+            cands.append((rows, c(block_n=bn)))
+            cands.append((rows, c(block_n=bn, scale_in_dequant=True)))
+    cands += [(1024, c(block_n=64, max_concurrent_steps=2)), (4096, c(block_n=64))]
+    if m > 16:
+        cands += [(2048, c(block_n=64, block_k=128)), (2048, c(block_n=64, block_m=64))]
     out = []
     for rows, cfg in cands:
         if k % rows:

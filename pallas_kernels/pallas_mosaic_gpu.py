@@ -18,6 +18,15 @@ would pad 1 token to 64 rows. Per CTA (one warpgroup):
   partial ``[block_n, block_m]`` through shared memory and TMA, and XLA sums the partials
   (one small fusion), so a 4096-wide layer at batch 1 still launches enough CTAs.
 
+``scale_in_dequant=True`` instead multiplies each dequantized weight by its scale in
+x.dtype (one more packed multiply per two weights, one bf16 rounding of the scale) and
+accumulates the whole K range in one wgmma accumulator, so consecutive groups' wgmma
+chains overlap instead of each group waiting for its own (``wgmma_wait(1)``, with the
+pipeline's slots released one step late).
+
+The x tile is read straight from the ``[M, K]`` activations (padded only to a multiple
+of 8 rows when M > 8): TMA fills the rows past M with zeros.
+
 ``a_in_smem=True`` stores the dequantized tile to shared memory and runs wgmma with
 both operands there. It is slower (an extra shared-memory round trip) but it is the
 variant the Mosaic GPU interpreter can run (its wgmma takes shared-memory operands only),
@@ -39,6 +48,11 @@ from pallas_kernels.layout import Int4Weight
 
 # wgmma's N (tokens per CTA) must be a multiple of 8 and at most 256.
 MAX_BLOCK_M = 256
+# Default tokens per CTA above 16 tokens: a [64, 128] f32 accumulator (and the group's
+# partial) is 64 registers per thread each; 256 would spill.
+DEFAULT_MAX_BLOCK_M = 128
+# Shared memory the pipeline may use per CTA (H100: 227 KB per block; keep headroom).
+SMEM_BUDGET = 200 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +72,7 @@ class Config:
     block_k: int = 256
     split_k: int = 1
     max_concurrent_steps: int = 4
+    scale_in_dequant: bool = False
     a_in_smem: bool = False
 
 
@@ -76,7 +91,16 @@ def _tiled(swizzle: int, bits: int) -> tuple:
 def block_m_for(m: int, cfg: Config) -> int:
     if cfg.block_m is not None:
         return cfg.block_m
-    return 8 if m <= 8 else min(MAX_BLOCK_M, -(-m // 16) * 16)
+    return 8 if m <= 8 else min(DEFAULT_MAX_BLOCK_M, -(-m // 16) * 16)
+
+
+def pipeline_depth(bm: int, g: int, cfg: Config, steps: int) -> int:
+    """``max_concurrent_steps`` cut to what fits in :data:`SMEM_BUDGET` (at least 1)."""
+    bn, bk = cfg.block_n, cfg.block_k
+    per_step = bn * bk // 2 + bm * bk * 2 + 2 * (bk // g) * bn * 2
+    fixed = bn * bm * 4 + (bn * g * 2 if cfg.a_in_smem else 0)
+    fits = max(1, (SMEM_BUDGET - fixed) // per_step)
+    return max(1, min(cfg.max_concurrent_steps, steps, fits))
 
 
 def check_supported(m: int, w: Int4Weight, dtype: jnp.dtype, cfg: Config) -> None:
@@ -100,7 +124,7 @@ def check_supported(m: int, w: Int4Weight, dtype: jnp.dtype, cfg: Config) -> Non
         raise NotImplementedError("; ".join(problems))
 
 
-def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, o_smem, *a_smem, g, bm, steps, cfg):
+def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, o_smem, *a_smem, g, bm, steps, depth, cfg):
     bn, bk = cfg.block_n, cfg.block_k
     dtype = x_gmem.dtype
     ni, ki, mi = lax.axis_index("n"), lax.axis_index("k"), lax.axis_index("m")
@@ -131,21 +155,59 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, o_smem, *a_smem, g, bm, step
             acc = acc + lax.broadcast_in_dim(s, acc.shape, [0]) * acc_g
         return acc
 
+    def body_scaled(acc_ref, _, w_smem, x_smem, s_smem, z_smem):
+        w_tile = w_smem[...]
+        for gi in range(bk // g):
+            zc = plgpu.load(z_smem.at[gi], layout=row).astype(jnp.float32) - 8.0
+            s = plgpu.load(s_smem.at[gi], layout=row).astype(dtype)
+            wq = w_tile[:, gi * g : (gi + 1) * g].astype(dtype)
+            wq = wq - lax.broadcast_in_dim(zc.astype(dtype), wq.shape, [0])
+            wq = wq * lax.broadcast_in_dim(s, wq.shape, [0])  # (q - z) * s in x.dtype
+            for j in range(g // x_elems):
+                cols = slice(j * x_elems, (j + 1) * x_elems)
+                b = x_smem.at[:, pl.ds(gi * g + j * x_elems, x_elems)].T
+                plgpu.wgmma(acc_ref, wq[:, cols], b)
+            plgpu.wgmma_wait(1)  # the previous chain is done: its registers are free
+
     k0 = ki * steps
-    w_bits = 4
-    w_swizzle = _swizzle(bk * w_bits // 8)
-    acc = plgpu.emit_pipeline(
-        body,
-        grid=(steps,),
-        in_specs=[
-            plgpu.BlockSpec((bn, bk), lambda i: (ni, k0 + i), transforms=_tiled(w_swizzle, 4)),
-            plgpu.BlockSpec((bm, bk), lambda i: (mi, k0 + i), transforms=_tiled(x_swizzle, 16)),
-            plgpu.BlockSpec((bk // g, bn), lambda i: (k0 + i, ni)),
-            plgpu.BlockSpec((bk // g, bn), lambda i: (k0 + i, ni)),
-        ],
-        max_concurrent_steps=min(cfg.max_concurrent_steps, steps),
-        init_carry=plgpu.layout_cast(jnp.zeros((bn, bm), jnp.float32), plgpu.Layout.WGMMA),
-    )(w_gmem, x_gmem, s_gmem, z_gmem)
+    w_swizzle = _swizzle(bk // 2)
+    release = 1 if cfg.scale_in_dequant else 0
+    specs = [
+        plgpu.BlockSpec(
+            (bn, bk),
+            lambda i: (ni, k0 + i),
+            transforms=_tiled(w_swizzle, 4),
+            delay_release=release,
+        ),
+        plgpu.BlockSpec(
+            (bm, bk),
+            lambda i: (mi, k0 + i),
+            transforms=_tiled(x_swizzle, 16),
+            delay_release=release,
+        ),
+        plgpu.BlockSpec((bk // g, bn), lambda i: (k0 + i, ni), delay_release=release),
+        plgpu.BlockSpec((bk // g, bn), lambda i: (k0 + i, ni), delay_release=release),
+    ]
+    if cfg.scale_in_dequant:
+
+        def run(acc_ref):
+            plgpu.emit_pipeline(
+                functools.partial(body_scaled, acc_ref),
+                grid=(steps,),
+                in_specs=specs,
+                max_concurrent_steps=max(depth, release + 1),
+            )(w_gmem, x_gmem, s_gmem, z_gmem)
+            return acc_ref[...]
+
+        acc = pl.run_scoped(run, plgpu.ACC((bn, bm), jnp.float32))
+    else:
+        acc = plgpu.emit_pipeline(
+            body,
+            grid=(steps,),
+            in_specs=specs,
+            max_concurrent_steps=depth,
+            init_carry=plgpu.layout_cast(jnp.zeros((bn, bm), jnp.float32), plgpu.Layout.WGMMA),
+        )(w_gmem, x_gmem, s_gmem, z_gmem)
     o_smem[...] = acc
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[ki, pl.ds(ni * bn, bn), pl.ds(mi * bm, bm)])
@@ -168,22 +230,25 @@ def int4_matmul_mosaic(
     check_supported(m, w, x_mk.dtype, cfg)
     if interpret and not cfg.a_in_smem:
         raise NotImplementedError("the Mosaic GPU interpreter needs a_in_smem=True")
+    if cfg.a_in_smem and cfg.scale_in_dequant:
+        raise NotImplementedError("a_in_smem and scale_in_dequant do not combine")
     bm = block_m_for(m, cfg)
     m_pad = -(-m // bm) * bm
-    x = jnp.pad(x_mk, ((0, m_pad - m), (0, 0)))
     g, bn = w.group_size, cfg.block_n
     steps = k // (cfg.split_k * cfg.block_k)
+    depth = pipeline_depth(bm, g, cfg, steps)
     scratch = [plgpu.SMEM((bn, bm), jnp.float32)]
     if cfg.a_in_smem:
         a_tiling = _tiled(_swizzle(min(g, 64) * 2), 16)
-        scratch.append(plgpu.SMEM((bn, g), x.dtype, transforms=a_tiling))
+        scratch.append(plgpu.SMEM((bn, g), x_mk.dtype, transforms=a_tiling))
     kernel = plgpu.kernel(
-        functools.partial(_kernel, g=g, bm=bm, steps=steps, cfg=cfg),
+        functools.partial(_kernel, g=g, bm=bm, steps=steps, depth=depth, cfg=cfg),
         out_type=jax.ShapeDtypeStruct((cfg.split_k, w.n, m_pad), jnp.float32),
         grid=(w.n // bn, cfg.split_k, m_pad // bm),
         grid_names=("n", "k", "m"),
         scratch_types=scratch,
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
+    x = x_mk if m <= 8 or m % 8 == 0 else jnp.pad(x_mk, ((0, -m % 8), (0, 0)))
     part = kernel(x, w.q_packed, w.scales_gn, w.zeros_gn)  # [split_k, N, m_pad] f32
     return part.sum(axis=0)[:, :m].T.astype(x_mk.dtype)
