@@ -90,9 +90,19 @@ class Int4Weight:
         return self.k * self.n // 2 + 2 * 2 * self.num_groups * self.n
 
 
+def is_hopper(device_kind: str) -> bool:
+    """Whether a device kind is a Hopper GPU (wgmma + TMA: the Mosaic GPU kernel)."""
+    return device_kind.startswith("NVIDIA") and any(
+        name in device_kind for name in ("H100", "H200", "H800", "H20")
+    )
+
+
 def default_format() -> str:
-    """The format :func:`prepare_weight` writes when none is asked for."""
-    return "u4_split"
+    """The format :func:`prepare_weight` writes when none is asked for: ``"s4"`` (the
+    Mosaic GPU kernel's) when the default device is a Hopper GPU, else ``"u4_split"``
+    (the Triton kernel's, and the cheaper one for the reference on CPU/TPU)."""
+    dev = jax.devices()[0]
+    return "s4" if dev.platform == "gpu" and is_hopper(dev.device_kind) else "u4_split"
 
 
 def check_group_size(k: int, group_size: int) -> None:
