@@ -1,10 +1,10 @@
 """awq-jax: Activation-aware Weight Quantization (arXiv 2306.00978) for Llama models in JAX.
 
-import awq_jax
-model = awq_jax.load_model()                       # the bundled SmolLM2-135M, or a folder
-qmodel = awq_jax.quantize(model, awq_jax.SearchSettings(group_size=64))
-awq_jax.save_quantized(qmodel, "smollm2-awq")      # AutoAWQ GEMM checkpoint
-awq_jax.generate_text(awq_jax.load_model("smollm2-awq"), "The capital of France is")
+    import awq_jax
+    model = awq_jax.load_model()                       # the bundled SmolLM2-135M, or a folder
+    qmodel = awq_jax.quantize(model, awq_jax.SearchSettings(group_size=64))
+    awq_jax.save_quantized(qmodel, "smollm2-awq")      # AutoAWQ GEMM checkpoint
+    awq_jax.generate_text(awq_jax.load_model("smollm2-awq"), "The capital of France is")
 """
 
 from awq_jax.api import Model, generate_text, load_model
