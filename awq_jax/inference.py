@@ -111,5 +111,14 @@ def weight_bytes(params: Params, *, linear_only: bool = False) -> int:
             continue
         if linear_only and "bias" in jax.tree_util.keystr(path):
             continue
-        total += leaf.size * leaf.dtype.itemsize
+        total += leaf.size * _bits(leaf.dtype) // 8
     return int(total)
+
+
+def _bits(dtype: Any) -> int:
+    """Storage bits per element: int4 is packed two per byte on device (numpy says 1 byte)."""
+    if jnp.issubdtype(dtype, jnp.integer):
+        return jnp.iinfo(dtype).bits
+    if jnp.issubdtype(dtype, jnp.floating):
+        return jnp.finfo(dtype).bits
+    return 8 * jnp.dtype(dtype).itemsize

@@ -74,12 +74,14 @@ def test_int4_params_match_fake_quantization(tiny):
     )
 
 
-def test_int4_weight_bytes_under_a_third_of_bf16():
+@pytest.mark.parametrize("implementation", ["triton", "mosaic"])  # u4_split / s4 layouts
+def test_int4_weight_bytes_under_a_third_of_bf16(implementation):
     config = dataclasses.replace(
         TINY, hidden_size=256, intermediate_size=512, num_heads=8, num_kv_heads=4, head_dim=32
     )
     params = init_params(config, jax.random.key(0), jnp.bfloat16)
-    int4 = prepare_for_inference(rtn_quantize(config, params, SearchSettings(group_size=128)))
+    q = rtn_quantize(config, params, SearchSettings(group_size=128))
+    int4 = prepare_for_inference(q, implementation=implementation)
     ratio = weight_bytes(int4, linear_only=True) / weight_bytes(params, linear_only=True)
     # 4 bits + an f16 scale and zero per 128 weights: (0.5 + 4/128) / 2 = 0.266
     assert ratio == pytest.approx(0.2656, abs=0.002)
