@@ -187,10 +187,10 @@ def _generate_table(records: list[dict]) -> str:
     ]
     for r in records:
         b = base.get((r["batch"], r["prompt_len"]))
-        ratio = r["decode_tok_s"] / b["decode_tok_s"] if b else float("nan")
+        ratio = f"{r['decode_tok_s'] / b['decode_tok_s']:.2f}x" if b else "-"
         lines.append(
             f"| {r['impl']} | {r['batch']} | {r['prompt_len']} | {r['prefill_tok_s']:,.0f} | "
-            f"{r['decode_tok_s']:,.1f} | {r['ms_per_token']:.2f} | {ratio:.2f}x | "
+            f"{r['decode_tok_s']:,.1f} | {r['ms_per_token']:.2f} | {ratio} | "
             f"{r['weight_bytes'] / 1e9:.2f} ({r['linear_weight_bytes'] / 1e9:.2f}) |"
         )
     return "\n".join(lines)
