@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import api, pallas_mosaic_gpu, pallas_triton
-from pallas_kernels.layout import Int4Weight, default_format, prepare_weight
+from pallas_kernels.layout import WGMMA_CHUNK, Int4Weight, default_format, prepare_weight
 from pallas_kernels.reference import dequantize
 
 SHAPES = {
@@ -80,12 +80,15 @@ def make_problem(
     group_size: int,
     seed: int,
     tile_n: int | None = None,
-    fmts: tuple[str, ...] = ("u4_split", "s4"),
+    fmts: tuple[str, ...] | None = None,
 ) -> Problem:
     """Random codes, scales and zero points; as many sets as the L2-defeating rule needs.
 
-    Every format in ``fmts`` holds the same codes, so each backend reads its own layout.
+    Every format in ``fmts`` holds the same codes, so each backend reads its own layout
+    (None: every format the group size allows).
     """
+    if fmts is None:
+        fmts = ("u4_split", "s4") + (("u4_wgmma",) if group_size % WGMMA_CHUNK == 0 else ())
     nbytes4 = k * n // 2 + 4 * (k // group_size) * n
     sets4 = max(4, math.ceil(MIN_SET_BYTES / nbytes4))
     sets16 = max(4, math.ceil(MIN_SET_BYTES / (2 * k * n)))
@@ -265,9 +268,9 @@ def mosaic_sweep_configs(m: int, k: int, n: int, gs: int) -> list[pallas_mosaic_
         for bn in (64, 128):
             cands.append((rows, c(block_n=bn)))
             cands.append((rows, c(block_n=bn, scale_in_dequant=True)))
-    cands += [(1024, c(block_n=64, max_concurrent_steps=2)), (4096, c(block_n=64))]
+    cands += [(1024, c(block_n=64, max_concurrent_steps=2))]
     if m > 16:
-        cands += [(2048, c(block_n=64, block_k=128)), (2048, c(block_n=64, block_m=64))]
+        cands += [(2048, c(block_n=64, block_k=128)), (k, c(block_n=64))]
     out = []
     for rows, cfg in cands:
         if k % rows:
@@ -448,14 +451,19 @@ def main(argv: list[str] | None = None) -> None:
                 fns = {**impl_fns([i for i in args.impls.split(",") if i]), **fns}
             elif args.sweep == "mosaic":
                 fns = {}
-                for cfg in mosaic_sweep_configs(m, k, n, args.group_size):
-                    name = "mosaic:" + ",".join(
-                        f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
-                    )
-                    fns[name] = (
-                        lambda x, w, c=cfg: pallas_mosaic_gpu.int4_matmul_mosaic(x, w, config=c),
-                        "s4",
-                    )
+                for fmt in ("s4", "u4_wgmma"):
+                    if fmt not in p.w4:
+                        continue
+                    for cfg in mosaic_sweep_configs(m, k, n, args.group_size):
+                        name = f"mosaic[{fmt}]:" + ",".join(
+                            f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+                        )
+                        fns[name] = (
+                            lambda x, w, c=cfg: pallas_mosaic_gpu.int4_matmul_mosaic(
+                                x, w, config=c
+                            ),
+                            fmt,
+                        )
                 fns = {**impl_fns([i for i in args.impls.split(",") if i]), **fns}
             else:
                 fns = impl_fns(args.impls.split(","))
@@ -506,7 +514,7 @@ def main(argv: list[str] | None = None) -> None:
             write_tuned_table(records, args.group_size, out_dir / "tuned_configs.json")
         best = {}
         for r in records:
-            if r["impl"].startswith(("triton:", "mosaic:")) and r["us"]:
+            if r["impl"].startswith(("triton:", "mosaic")) and r["us"]:
                 key = (r["k"], r["n"], r["m"])
                 if key not in best or r["us"] < best[key]["us"]:
                     best[key] = r

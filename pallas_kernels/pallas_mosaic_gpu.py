@@ -40,11 +40,15 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.layout import Int4Weight
+from pallas_kernels.layout import WGMMA_CHUNK, Int4Weight
+
+# Magic float whose low mantissa bits take a 4-bit code q: (bits, value of magic | 0).
+_MAGIC = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}
 
 # wgmma's N (tokens per CTA) must be a multiple of 8 and at most 256.
 MAX_BLOCK_M = 256
@@ -108,8 +112,10 @@ def check_supported(m: int, w: Int4Weight, dtype: jnp.dtype, cfg: Config) -> Non
     problems = []
     bm = block_m_for(m, cfg)
     g = w.group_size
-    if w.fmt != "s4":
-        problems.append(f"the weight must be in the 's4' format (prepare_weight), not {w.fmt!r}")
+    if w.fmt not in ("s4", "u4_wgmma"):
+        problems.append(f"the weight must be in the 's4' or 'u4_wgmma' format, not {w.fmt!r}")
+    if w.fmt == "u4_wgmma" and (cfg.block_k % WGMMA_CHUNK or cfg.a_in_smem):
+        problems.append(f"u4_wgmma needs block_k a multiple of {WGMMA_CHUNK} and no a_in_smem")
     if dtype not in (jnp.bfloat16, jnp.float16):
         problems.append(f"activations must be bf16 or f16, got {dtype}")
     if g % 32 or g > cfg.block_k or cfg.block_k % g or cfg.block_k < 64:
@@ -124,6 +130,58 @@ def check_supported(m: int, w: Int4Weight, dtype: jnp.dtype, cfg: Config) -> Non
         raise NotImplementedError("; ".join(problems))
 
 
+def _dequant_wgmma(words, zm, dtype):
+    """u4_wgmma words ``[bn, 16] uint32`` (WGMMA_8BIT layout) -> ``[bn, 128]`` q - z.
+
+    ``zm`` is ``magic + z`` per row (row layout). Per 32-bit word: for each of its 4
+    element pairs one SHR, one LOP3 (``& 0x000F000F | magic``: two floats ``magic + q``)
+    and one packed SUB of ``magic + z``, written straight into the wgmma A-operand
+    registers (see layout.py for the order that makes this possible).
+    """
+    import jax.experimental.mosaic.gpu as mgpu
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, llvm, vector
+
+    bits, _ = _MAGIC[jnp.dtype(dtype)]
+    ty = "bf16" if jnp.dtype(dtype) == jnp.bfloat16 else "f16"
+    bn = words.shape[0]
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA_8BIT, plgpu.Layout.WGMMA.reduce(1)),
+        return_type=plgpu.ShapeDtypeStruct((bn, WGMMA_CHUNK), dtype, layout=plgpu.Layout.WGMMA),
+    )
+    def convert(_, words, zm):
+        i32 = ir.IntegerType.get_signless(32)
+        i16 = ir.IntegerType.get_signless(16)
+        el = mgpu_utils.dtype_to_ir_type(jnp.dtype(dtype))
+        out = np.empty(fa.WGMMA_LAYOUT.registers_shape((bn, WGMMA_CHUNK)), dtype=object)
+        for tile in range(bn // 64):
+            for h in range(2):
+                zreg = zm.registers[tile, 0, h, 0, 0]  # vector<1 x dtype>
+                z16 = arith.extui(i32, mgpu_utils.bitcast(zreg, i16))
+                z2 = arith.ori(z16, arith.shli(z16, arith.constant(i32, 16)))
+                wvec = words.registers[tile, 0, 0, 0, h, 0, 0, 0, 0]  # vector<4 x i32>
+                for v in range(4):
+                    word = vector.extract(wvec, [], [v])
+                    for p in range(4):
+                        res = llvm.inline_asm(
+                            i32,
+                            [word, z2],
+                            "{ .reg .b32 t;\n"
+                            f"shr.b32 t, $1, {4 * p};\n"
+                            f"lop3.b32 t, t, 0x000F000F, {hex(bits << 16 | bits)}, 0xEA;\n"
+                            f"sub.{ty}x2 $0, t, $2; }}",
+                            "=r,r,r",
+                        )
+                        reg = mgpu_utils.bitcast(res, ir.VectorType.get((2,), el))
+                        out[tile, 4 * v + p, 0, 0, h, 0, 0, 0, 0] = reg
+        return mgpu.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+
+    return convert(words, zm)
+
+
 def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, o_smem, *a_smem, g, bm, steps, depth, cfg):
     bn, bk = cfg.block_n, cfg.block_k
     dtype = x_gmem.dtype
@@ -132,12 +190,33 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, o_smem, *a_smem, g, bm, step
     x_elems = x_swizzle // 2
     row = plgpu.Layout.WGMMA.reduce(1)  # one value per accumulator row (weight row)
 
+    wgmma_fmt = w_gmem.dtype == jnp.uint32
+
+    def load_w(w_smem):
+        """The step's weight tile in registers (u4_wgmma: words as the converter wants)."""
+        if wgmma_fmt:
+            return plgpu.load(w_smem, layout=plgpu.Layout.WGMMA_8BIT)
+        return w_smem[...]
+
+    def dequant(w_smem, w_tile, z_smem, gi):
+        """Group gi of the step's weight tile as exact ``q - z`` in x.dtype, [bn, g]."""
+        if wgmma_fmt:
+            zm = plgpu.load(z_smem.at[gi], layout=row).astype(jnp.float32)
+            zm = (zm + _MAGIC[jnp.dtype(dtype)][1]).astype(dtype)
+            chunks = []
+            for ch in range(g // WGMMA_CHUNK):
+                c0 = (gi * g + ch * WGMMA_CHUNK) // 8
+                words = w_tile[:, c0 : c0 + WGMMA_CHUNK // 8]  # [bn, 16] uint32
+                chunks.append(_dequant_wgmma(words, zm, dtype))
+            return chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks, axis=1)
+        zc = plgpu.load(z_smem.at[gi], layout=row).astype(jnp.float32) - 8.0
+        wq = w_tile[:, gi * g : (gi + 1) * g].astype(dtype)
+        return wq - lax.broadcast_in_dim(zc.astype(dtype), wq.shape, [0])  # q - z, exact
+
     def body(_, w_smem, x_smem, s_smem, z_smem, acc):
-        w_tile = w_smem[...]  # int4 [bn, bk] in registers
+        w_tile = load_w(w_smem)
         for gi in range(bk // g):
-            zc = plgpu.load(z_smem.at[gi], layout=row).astype(jnp.float32) - 8.0
-            wq = w_tile[:, gi * g : (gi + 1) * g].astype(dtype)
-            wq = wq - lax.broadcast_in_dim(zc.astype(dtype), wq.shape, [0])  # q - z, exact
+            wq = dequant(w_smem, w_tile, z_smem, gi)
             if cfg.a_in_smem:
                 a_smem[0][...] = wq
                 plgpu.commit_smem()
@@ -156,12 +235,10 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, o_smem, *a_smem, g, bm, step
         return acc
 
     def body_scaled(acc_ref, _, w_smem, x_smem, s_smem, z_smem):
-        w_tile = w_smem[...]
+        w_tile = load_w(w_smem)
         for gi in range(bk // g):
-            zc = plgpu.load(z_smem.at[gi], layout=row).astype(jnp.float32) - 8.0
             s = plgpu.load(s_smem.at[gi], layout=row).astype(dtype)
-            wq = w_tile[:, gi * g : (gi + 1) * g].astype(dtype)
-            wq = wq - lax.broadcast_in_dim(zc.astype(dtype), wq.shape, [0])
+            wq = dequant(w_smem, w_tile, z_smem, gi)
             wq = wq * lax.broadcast_in_dim(s, wq.shape, [0])  # (q - z) * s in x.dtype
             for j in range(g // x_elems):
                 cols = slice(j * x_elems, (j + 1) * x_elems)
@@ -171,12 +248,13 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, o_smem, *a_smem, g, bm, step
 
     k0 = ki * steps
     w_swizzle = _swizzle(bk // 2)
+    w_block, w_bits = ((bn, bk // 8), 32) if wgmma_fmt else ((bn, bk), 4)
     release = 1 if cfg.scale_in_dequant else 0
     specs = [
         plgpu.BlockSpec(
-            (bn, bk),
+            w_block,
             lambda i: (ni, k0 + i),
-            transforms=_tiled(w_swizzle, 4),
+            transforms=_tiled(w_swizzle, w_bits),
             delay_release=release,
         ),
         plgpu.BlockSpec(

@@ -25,16 +25,20 @@ def _dequantize_planes(w: Int4Weight, dtype: jnp.dtype) -> tuple[jax.Array, jax.
 
 
 def _dequantize_s4(w: Int4Weight, dtype: jnp.dtype) -> jax.Array:
-    """``W^T`` as ``dtype [N, K]`` from the signed format (``q - 8`` stored)."""
-    q_ngG = w.q_packed.astype(jnp.float32).reshape(w.n, w.num_groups, w.group_size)
-    zc = (w.zeros_gn.T.astype(jnp.float32) - 8.0)[:, :, None]
+    """``W^T`` as ``dtype [N, K]`` from the ``s4`` (``q - 8`` stored) or ``u4_wgmma`` format."""
+    if w.fmt == "s4":
+        q, offset = w.q_packed, 8.0
+    else:
+        q, offset = w.codes_nk(), 0.0
+    q_ngG = q.astype(jnp.float32).reshape(w.n, w.num_groups, w.group_size)
+    zc = (w.zeros_gn.T.astype(jnp.float32) - offset)[:, :, None]
     s = w.scales_gn.T.astype(jnp.float32)[:, :, None]
     return ((q_ngG - zc) * s).astype(dtype).reshape(w.n, w.k)
 
 
 def dequantize(w: Int4Weight, dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """Returns ``W^T`` as ``dtype [N, K]``: ``(q - z) * s`` computed in f32, rounded once."""
-    if w.fmt == "s4":
+    if w.fmt != "u4_split":
         return _dequantize_s4(w, dtype)
     lo, hi = _dequantize_planes(w, dtype)
     return jnp.stack([lo, hi], axis=2).reshape(w.n, w.k)
@@ -49,7 +53,7 @@ def int4_matmul_reference(x: jax.Array, w: Int4Weight) -> jax.Array:
     """
     if x.shape[-1] != w.k:
         raise ValueError(f"x has K={x.shape[-1]}, weight has K={w.k}")
-    if w.fmt == "s4":
+    if w.fmt != "u4_split":
         w_nk = _dequantize_s4(w, x.dtype)
         y = jnp.einsum("...k,nk->...n", x, w_nk, preferred_element_type=jnp.float32)
         return y.astype(x.dtype)

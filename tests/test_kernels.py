@@ -80,6 +80,8 @@ class _Int4MatmulCases:
     @pytest.mark.parametrize("shape_idx", range(4))
     def test_matches_truth(self, shape_idx: int, dtype) -> None:
         m, k, n, gs = self.SHAPES[shape_idx]
+        if self.FMT == "u4_wgmma" and gs % layout.WGMMA_CHUNK:
+            pytest.skip("the u4_wgmma layout is for group sizes that are multiples of 128")
         rng = np.random.default_rng(1000 * shape_idx + (dtype == jnp.float16))
         w, w_kn = random_weight(rng, k, n, gs, fmt=self.FMT)
         x = rng.standard_normal((m, k)).astype(np.float32)
@@ -220,6 +222,8 @@ class TestGpu(_Int4MatmulCases):
         ("triton", "u4_split", None),
         ("mosaic", "s4", None),
         ("mosaic", "s4", pallas_mosaic_gpu.Config(block_n=64, block_k=128, a_in_smem=True)),
+        ("mosaic", "u4_wgmma", None),
+        ("mosaic", "u4_wgmma", pallas_mosaic_gpu.Config(block_n=128, scale_in_dequant=True)),
         (None, "u4_split", None),
         (None, "s4", None),
     ]
@@ -283,7 +287,7 @@ class TestLayoutAndApi:
 
     @pytest.mark.parametrize("fmt", layout.FORMATS)
     def test_dequantize_matches_definition(self, fmt: str) -> None:
-        w, w_kn = random_weight(np.random.default_rng(6), 128, 32, 32, fmt=fmt)
+        w, w_kn = random_weight(np.random.default_rng(6), 256, 32, 128, fmt=fmt)
         assert w.fmt == fmt
         np.testing.assert_allclose(np.asarray(dequantize(w)).T, w_kn, rtol=1e-6)
 
@@ -291,16 +295,39 @@ class TestLayoutAndApi:
         rng = np.random.default_rng(4)
         q = rng.integers(0, 16, (256, 64), dtype=np.uint8)
         ones, zeros = jnp.ones((4, 64), jnp.float16), jnp.zeros((4, 64), jnp.uint8)
+        ones, zeros = jnp.ones((2, 64), jnp.float16), jnp.zeros((2, 64), jnp.uint8)
         ws = {
-            f: prepare_weight(jnp.asarray(q), ones, zeros, group_size=64, fmt=f)
+            f: prepare_weight(jnp.asarray(q), ones, zeros, group_size=128, fmt=f)
             for f in layout.FORMATS
         }
         assert ws["s4"].q_packed.dtype == jnp.int4 and ws["s4"].q_packed.shape == (64, 256)
         for w in ws.values():
             np.testing.assert_array_equal(w.codes_nk(), q.T)
         np.testing.assert_array_equal(ws["s4"].q_nk2, ws["u4_split"].q_nk2)
+        assert ws["u4_wgmma"].q_packed.dtype == jnp.uint32
+        assert ws["u4_wgmma"].q_packed.shape == (64, 32)
         with pytest.raises(ValueError, match="fmt"):
-            prepare_weight(jnp.asarray(q), ones, zeros, group_size=64, fmt="u8")
+            prepare_weight(jnp.asarray(q), ones, zeros, group_size=128, fmt="u8")
+        with pytest.raises(ValueError, match="128"):
+            prepare_weight(
+                jnp.asarray(q),
+                jnp.ones((4, 64), jnp.float16),
+                jnp.zeros((4, 64), jnp.uint8),
+                group_size=64,
+                fmt="u4_wgmma",
+            )
+
+    def test_wgmma_order_puts_pairs_in_nibbles_p_and_p_plus_4(self) -> None:
+        """Word 4j + v, nibble t of a chunk = column 8 (4v + t % 4) + 2j + t // 4."""
+        q = np.zeros((1, 128), np.uint8)
+        for col in range(128):
+            q[0, col] = col % 16
+        words = np.asarray(layout.pack_wgmma(jnp.asarray(q)))[0]
+        for word in range(16):
+            j, v = divmod(word, 4)
+            for t in range(8):
+                col = 8 * (4 * v + t % 4) + 2 * j + t // 4
+                assert (int(words[word]) >> (4 * t)) & 0xF == col % 16
 
     def test_empty_and_f32_inputs_fall_back(self) -> None:
         w, w_kn = random_weight(np.random.default_rng(8), 256, 64, 64, tile_n=64)
