@@ -50,7 +50,9 @@ def _to_int4(qt: QuantizedTensor, implementation: str | None) -> Int4Linear:
     if qt.bits != 4:
         raise ValueError(f"the int4 kernels need 4-bit weights, got {qt.bits}-bit")
     # The layout the chosen backend reads (None: the default device's best backend).
-    fmt = {"triton": "u4_split", "mosaic": "s4"}.get(implementation or "")
+    fmt = {"triton": "u4_split", "mosaic": "s4" if qt.group_size % 128 else "u4_wgmma"}.get(
+        implementation or ""
+    )
     prepare = lambda q, s, z: prepare_weight(q, s, z, group_size=qt.group_size, fmt=fmt)  # noqa: E731
     for _ in range(qt.q.ndim - 2):  # stacked layers: map over the leading axes
         prepare = jax.vmap(prepare)

@@ -165,12 +165,14 @@ def impl_fns(names: list[str]) -> dict:
         "xla_int4": (lambda x, w: api.int4_matmul(x, w, implementation="xla"), "u4_split"),
         "triton": (lambda x, w: api.int4_matmul(x, w, implementation="triton"), "u4_split"),
         "mosaic": (lambda x, w: api.int4_matmul(x, w, implementation="mosaic"), "s4"),
-        "auto": (lambda x, w: api.int4_matmul(x, w), default_format()),
+        "auto": (lambda x, w: api.int4_matmul(x, w), "default"),
     }
     return {n: table[n] for n in names}
 
 
 def measure_one(p: Problem, m: int, name: str, fn, weights: str, seed: int) -> dict:
+    if weights == "default":  # what prepare_weight writes on this device
+        weights = default_format(p.k, p.group_size)
     ws = p.w16_kn if weights == "bf16" else p.w4[weights]
     xs = make_xs(m, p.k, 4, seed)
     rec = {"k": p.k, "n": p.n, "m": m, "impl": name, "us": None, "rel_err": None}
@@ -467,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
                 fns = {**impl_fns([i for i in args.impls.split(",") if i]), **fns}
             else:
                 fns = impl_fns(args.impls.split(","))
-            chose = api.choose(m, p.w4[default_format()][0])
+            chose = api.choose(m, p.w4[default_format(k, args.group_size)][0])
             auto_rec = None
             if "auto" in fns:  # time auto first: a backend it picked is not timed twice
                 fns = {"auto": fns.pop("auto"), **fns}

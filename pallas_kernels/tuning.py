@@ -58,7 +58,7 @@ def choose_implementation(
     """The backend name dispatch runs for this shape and weight format."""
     if not _is_gpu(device_kind):
         return "xla"
-    if fmt == "s4":
+    if fmt in ("s4", "u4_wgmma"):
         return "mosaic" if is_hopper(device_kind) and m <= _MAX_MOSAIC_M else "xla"
     entry = _lookup(device_kind, m, k, n, group_size)
     if entry is not None:
@@ -106,7 +106,7 @@ def config_to_dict(cfg: pallas_triton.Config) -> dict:
 def mosaic_config(
     device_kind: str, m: int, k: int, n: int, group_size: int
 ) -> pallas_mosaic_gpu.Config:
-    """Heuristic Mosaic GPU config, from the H100 sweeps (docs/kernels.md, runs 8-9).
+    """Heuristic Mosaic GPU config, from the H100 sweeps (docs/kernels.md, runs 8, 9, 12).
 
     64 weight rows per CTA everywhere (128 was 10-20% slower at M <= 16 and spills at
     M >= 128); ~1024 K rows per CTA up to 16 tokens (hundreds of CTAs for 132 SMs),
