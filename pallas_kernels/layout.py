@@ -149,7 +149,7 @@ def unpack_codes(q_nk2: jax.Array, group_size: int) -> jax.Array:
     return jnp.concatenate([p & 0xF, p >> 4], axis=2).reshape(n, 2 * k2)
 
 
-def _wgmma_order() -> tuple[list[int], list[int]]:
+def wgmma_order() -> tuple[list[int], list[int]]:
     """(word, nibble) -> K column within a 128 chunk, as two flat lists of 128 entries.
 
     Word ``4j + v`` (``j`` = lane % 4, ``v`` = 0..3) nibble ``t`` holds column
@@ -167,7 +167,7 @@ def _wgmma_order() -> tuple[list[int], list[int]]:
 def pack_wgmma(q_nk: jax.Array) -> jax.Array:
     """uint8 codes ``[N, K]`` -> ``uint32 [N, K / 8]`` in the u4_wgmma order."""
     n, k = q_nk.shape
-    cols, _ = _wgmma_order()
+    cols, _ = wgmma_order()
     q = q_nk.reshape(n, k // WGMMA_CHUNK, WGMMA_CHUNK)[:, :, jnp.asarray(cols)]
     q = q.reshape(n, k // 8, 8).astype(jnp.uint32)
     return sum((q[:, :, t] << (4 * t)) for t in range(8)).astype(jnp.uint32)
@@ -176,7 +176,7 @@ def pack_wgmma(q_nk: jax.Array) -> jax.Array:
 def unpack_wgmma(q_words: jax.Array) -> jax.Array:
     """Inverse of :func:`pack_wgmma`: uint8 codes ``[N, K]``."""
     n, k8 = q_words.shape
-    _, inverse = _wgmma_order()
+    _, inverse = wgmma_order()
     nib = jnp.stack([(q_words >> (4 * t)) & 0xF for t in range(8)], axis=-1)
     q = nib.reshape(n, k8 // 16, WGMMA_CHUNK)[:, :, jnp.asarray(inverse)]
     return q.reshape(n, 8 * k8).astype(jnp.uint8)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from pallas_kernels.layout import Int4Weight
+from pallas_kernels.layout import WGMMA_CHUNK, Int4Weight, wgmma_order
 
 
 def _dequantize_planes(w: Int4Weight, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
@@ -36,6 +37,24 @@ def _dequantize_s4(w: Int4Weight, dtype: jnp.dtype) -> jax.Array:
     return ((q_ngG - zc) * s).astype(dtype).reshape(w.n, w.k)
 
 
+def _stored_columns(k: int) -> np.ndarray:
+    """True K column of each stored u4_wgmma column (the permutation within 128 chunks)."""
+    cols, _ = wgmma_order()
+    return (np.arange(0, k, WGMMA_CHUNK)[:, None] + np.asarray(cols)[None, :]).reshape(k)
+
+
+def _dequantize_stored_wgmma(w: Int4Weight, dtype: jnp.dtype) -> jax.Array:
+    """``u4_wgmma`` weight as ``dtype [N, K]`` in its stored column order.
+
+    A group is a whole number of 128-wide chunks, so a stored column keeps its group.
+    """
+    nib = jnp.stack([(w.q_packed >> (4 * t)) & 0xF for t in range(8)], axis=-1)
+    q = nib.astype(jnp.float32).reshape(w.n, w.num_groups, w.group_size)
+    z = w.zeros_gn.T.astype(jnp.float32)[:, :, None]
+    s = w.scales_gn.T.astype(jnp.float32)[:, :, None]
+    return ((q - z) * s).astype(dtype).reshape(w.n, w.k)
+
+
 def dequantize(w: Int4Weight, dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """Returns ``W^T`` as ``dtype [N, K]``: ``(q - z) * s`` computed in f32, rounded once."""
     if w.fmt != "u4_split":
@@ -53,6 +72,13 @@ def int4_matmul_reference(x: jax.Array, w: Int4Weight) -> jax.Array:
     """
     if x.shape[-1] != w.k:
         raise ValueError(f"x has K={x.shape[-1]}, weight has K={w.k}")
+    if w.fmt == "u4_wgmma":
+        # Dequantize in the STORED column order (shift + mask of each word: one elementwise
+        # fusion, no gather of the weight) and permute the activations instead.
+        w_nk = _dequantize_stored_wgmma(w, x.dtype)
+        x = jnp.take(x, jnp.asarray(_stored_columns(w.k)), axis=-1)
+        y = jnp.einsum("...k,nk->...n", x, w_nk, preferred_element_type=jnp.float32)
+        return y.astype(x.dtype)
     if w.fmt != "u4_split":
         w_nk = _dequantize_s4(w, x.dtype)
         y = jnp.einsum("...k,nk->...n", x, w_nk, preferred_element_type=jnp.float32)

@@ -108,6 +108,18 @@ class TestReferenceS4(TestReference):
     FMT = "s4"
 
 
+class TestReferenceWgmma(TestReference):
+    """The u4_wgmma reference permutes x instead of the weight: check every path of it."""
+
+    FMT = "u4_wgmma"
+    SHAPES: ClassVar = [
+        (1, 512, 192, 128),
+        (3, 1536, 576, 256),
+        (100, 256, 64, 128),
+        (17, 384, 96, 128),
+    ]
+
+
 class TestDispatch(_Int4MatmulCases):
     """``implementation=None``: on the CPU this is the reference; on a GPU, a kernel."""
 
