@@ -76,8 +76,10 @@ def int4_matmul_reference(x: jax.Array, w: Int4Weight) -> jax.Array:
         # Dequantize in the STORED column order (shift + mask of each word: one elementwise
         # fusion, no gather of the weight) and permute the activations instead.
         w_nk = _dequantize_stored_wgmma(w, x.dtype)
-        x = jnp.take(x, jnp.asarray(_stored_columns(w.k)), axis=-1)
-        y = jnp.einsum("...k,nk->...n", x, w_nk, preferred_element_type=jnp.float32)
+        xs = jnp.take(x, jnp.asarray(_stored_columns(w.k)), axis=-1)
+        if jax.default_backend() == "cpu":  # XLA:CPU has no bf16 x bf16 -> f32 dot thunk
+            xs, w_nk = xs.astype(jnp.float32), w_nk.astype(jnp.float32)  # exact upcast
+        y = jnp.einsum("...k,nk->...n", xs, w_nk, preferred_element_type=jnp.float32)
         return y.astype(x.dtype)
     if w.fmt != "u4_split":
         w_nk = _dequantize_s4(w, x.dtype)
