@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from pallas_kernels.layout import WGMMA_CHUNK, Int4Weight, wgmma_order
+from pallas_kernels.layout import WGMMA_CHUNK, Int4Weight
 
 
 def _dequantize_planes(w: Int4Weight, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
@@ -37,10 +36,17 @@ def _dequantize_s4(w: Int4Weight, dtype: jnp.dtype) -> jax.Array:
     return ((q_ngG - zc) * s).astype(dtype).reshape(w.n, w.k)
 
 
-def _stored_columns(k: int) -> np.ndarray:
-    """True K column of each stored u4_wgmma column (the permutation within 128 chunks)."""
-    cols, _ = wgmma_order()
-    return (np.arange(0, k, WGMMA_CHUNK)[:, None] + np.asarray(cols)[None, :]).reshape(k)
+def _to_stored_order(x: jax.Array) -> jax.Array:
+    """Permutes the K columns of x like the ``u4_wgmma`` layout permutes the weight's.
+
+    Within each 128 chunk a true column ``32v + 8p + 2j + e`` is stored at ``32j + 8v +
+    4e + p`` (layout.wgmma_order): a reshape and a transpose, no gather.
+    """
+    lead, k = x.shape[:-1], x.shape[-1]
+    x6 = x.reshape(*lead, k // WGMMA_CHUNK, 4, 4, 4, 2)  # chunk, v, p, j, e
+    nd = len(lead) + 1
+    perm = (*range(nd), nd + 2, nd, nd + 3, nd + 1)  # chunk, j, v, e, p
+    return x6.transpose(perm).reshape(*lead, k)
 
 
 def _dequantize_stored_wgmma(w: Int4Weight, dtype: jnp.dtype) -> jax.Array:
@@ -48,11 +54,24 @@ def _dequantize_stored_wgmma(w: Int4Weight, dtype: jnp.dtype) -> jax.Array:
 
     A group is a whole number of 128-wide chunks, so a stored column keeps its group.
     """
-    nib = jnp.stack([(w.q_packed >> (4 * t)) & 0xF for t in range(8)], axis=-1)
+    nib = jax.lax.bitcast_convert_type(w.q_packed, jnp.uint4)  # [N, K/8, 8]: nibble t
     q = nib.astype(jnp.float32).reshape(w.n, w.num_groups, w.group_size)
     z = w.zeros_gn.T.astype(jnp.float32)[:, :, None]
     s = w.scales_gn.T.astype(jnp.float32)[:, :, None]
     return ((q - z) * s).astype(dtype).reshape(w.n, w.k)
+
+
+def _dot_nk(x: jax.Array, w_nk: jax.Array, spec: str = "...k,nk->...n") -> jax.Array:
+    """``x . w_nk^T`` in x.dtype with f32 accumulation.
+
+    On GPUs the dot writes x.dtype directly (cuBLAS accumulates bf16/f16 GEMMs in f32),
+    so no f32 ``[M, N]`` intermediate and convert pass; XLA:CPU has no bf16 x bf16 -> f32
+    dot for every operand layout, so there the operands are upcast (exactly) to f32.
+    """
+    if jax.default_backend() == "cpu" or x.dtype == jnp.float32:
+        xf, wf = x.astype(jnp.float32), w_nk.astype(jnp.float32)
+        return jnp.einsum(spec, xf, wf, preferred_element_type=jnp.float32).astype(x.dtype)
+    return jnp.einsum(spec, x, w_nk)
 
 
 def dequantize(w: Int4Weight, dtype: jnp.dtype = jnp.float32) -> jax.Array:
@@ -66,25 +85,19 @@ def dequantize(w: Int4Weight, dtype: jnp.dtype = jnp.float32) -> jax.Array:
 def int4_matmul_reference(x: jax.Array, w: Int4Weight) -> jax.Array:
     """``x[..., K] @ W[K, N]`` with W rounded to ``x.dtype`` and f32 accumulation.
 
-    Written as two dots, one per nibble plane, against the matching halves of each
-    group of x: the dequantization then stays a plain elementwise pass (no interleave),
-    which XLA runs at memory speed and fuses into its GEMM where it can.
+    Each format is dequantized in the order its bytes are stored, so the dequantization
+    is a plain elementwise pass that XLA runs at memory speed: ``u4_split`` as two dots,
+    one per nibble plane, against the matching halves of each group of x; ``u4_wgmma``
+    against x with its columns permuted like the weight's; ``s4`` directly.
     """
     if x.shape[-1] != w.k:
         raise ValueError(f"x has K={x.shape[-1]}, weight has K={w.k}")
     if w.fmt == "u4_wgmma":
-        # Dequantize in the STORED column order (shift + mask of each word: one elementwise
-        # fusion, no gather of the weight) and permute the activations instead.
-        w_nk = _dequantize_stored_wgmma(w, x.dtype)
-        xs = jnp.take(x, jnp.asarray(_stored_columns(w.k)), axis=-1)
-        if jax.default_backend() == "cpu":  # XLA:CPU has no bf16 x bf16 -> f32 dot thunk
-            xs, w_nk = xs.astype(jnp.float32), w_nk.astype(jnp.float32)  # exact upcast
-        y = jnp.einsum("...k,nk->...n", xs, w_nk, preferred_element_type=jnp.float32)
-        return y.astype(x.dtype)
-    if w.fmt != "u4_split":
-        w_nk = _dequantize_s4(w, x.dtype)
-        y = jnp.einsum("...k,nk->...n", x, w_nk, preferred_element_type=jnp.float32)
-        return y.astype(x.dtype)
+        # Dequantize in the STORED column order (the bytes as they are: one elementwise
+        # fusion) and permute the activations' columns the same way instead.
+        return _dot_nk(_to_stored_order(x), _dequantize_stored_wgmma(w, x.dtype))
+    if w.fmt == "s4":
+        return _dot_nk(x, _dequantize_s4(w, x.dtype))
     lo, hi = _dequantize_planes(w, x.dtype)
     x_g2h = x.reshape(*x.shape[:-1], w.num_groups, 2, w.group_size // 2)
     y = jnp.einsum("...gh,ngh->...n", x_g2h[..., 0, :], lo, preferred_element_type=jnp.float32)
