@@ -1,5 +1,7 @@
 """awq-jax: Activation-aware Weight Quantization (arXiv 2306.00978) for Llama models in JAX.
 
+Usage::
+
     import awq_jax
     model = awq_jax.load_model()                       # the bundled SmolLM2-135M, or a folder
     qmodel = awq_jax.quantize(model, awq_jax.SearchSettings(group_size=64))

@@ -270,7 +270,7 @@ def mosaic_sweep_configs(m: int, k: int, n: int, gs: int) -> list[pallas_mosaic_
         for bn in (64, 128):
             cands.append((rows, c(block_n=bn)))
             cands.append((rows, c(block_n=bn, scale_in_dequant=True)))
-    cands += [(1024, c(block_n=64, max_concurrent_steps=2))]
+    cands += [(1024, c(block_n=64, max_concurrent_steps=2)), (1024, c(block_n=64, x_resident=True))]
     if m > 16:
         cands += [(2048, c(block_n=64, block_k=128)), (k, c(block_n=64))]
     out = []

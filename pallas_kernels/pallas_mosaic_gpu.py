@@ -69,6 +69,9 @@ class Config:
     split_k: CTAs along K, each reducing ``K / split_k`` rows into an f32 partial.
     max_concurrent_steps: pipeline depth (TMA copies in flight per CTA).
     a_in_smem: stage the dequantized tile in shared memory (see the module docstring).
+    x_resident: copy the CTA's whole ``[block_m, K / split_k]`` x slice once (the pipeline
+      sees an index-invariant block) instead of one ``[block_m, block_k]`` tile per step:
+      a quarter to a third fewer TMA bytes per step at decode.
     """
 
     block_n: int = 128
@@ -78,6 +81,7 @@ class Config:
     max_concurrent_steps: int = 4
     scale_in_dequant: bool = False
     a_in_smem: bool = False
+    x_resident: bool = False
 
 
 def _swizzle(row_bytes: int) -> int:
@@ -101,8 +105,11 @@ def block_m_for(m: int, cfg: Config) -> int:
 def pipeline_depth(bm: int, g: int, cfg: Config, steps: int) -> int:
     """``max_concurrent_steps`` cut to what fits in :data:`SMEM_BUDGET` (at least 1)."""
     bn, bk = cfg.block_n, cfg.block_k
-    per_step = bn * bk // 2 + bm * bk * 2 + 2 * (bk // g) * bn * 2
+    per_step = bn * bk // 2 + 2 * (bk // g) * bn * 2
+    x_bytes = bm * bk * 2 * (steps if cfg.x_resident else 1)
+    per_step += 0 if cfg.x_resident else x_bytes
     fixed = bn * bm * 4 + (bn * g * 2 if cfg.a_in_smem else 0)
+    fixed += x_bytes * cfg.max_concurrent_steps if cfg.x_resident else 0
     fits = max(1, (SMEM_BUDGET - fixed) // per_step)
     return max(1, min(cfg.max_concurrent_steps, steps, fits))
 
@@ -213,7 +220,13 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, o_smem, *a_smem, g, bm, step
         wq = w_tile[:, gi * g : (gi + 1) * g].astype(dtype)
         return wq - lax.broadcast_in_dim(zc.astype(dtype), wq.shape, [0])  # q - z, exact
 
-    def body(_, w_smem, x_smem, s_smem, z_smem, acc):
+    def x_cols(idx, start, size):
+        """The x columns of this step's ``[start, start + size)`` in the x block."""
+        if cfg.x_resident:
+            return pl.ds(idx[0] * bk + start, size)
+        return pl.ds(start, size)
+
+    def body(idx, w_smem, x_smem, s_smem, z_smem, acc):
         w_tile = load_w(w_smem)
         for gi in range(bk // g):
             wq = dequant(w_smem, w_tile, z_smem, gi)
@@ -225,7 +238,7 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, o_smem, *a_smem, g, bm, step
                 for j in range(g // x_elems):
                     cols = slice(j * x_elems, (j + 1) * x_elems)
                     a = a_smem[0].at[:, cols] if cfg.a_in_smem else wq[:, cols]
-                    b = x_smem.at[:, pl.ds(gi * g + j * x_elems, x_elems)].T
+                    b = x_smem.at[:, x_cols(idx, gi * g + j * x_elems, x_elems)].T
                     plgpu.wgmma(acc_ref, a, b)
                 return acc_ref[...]  # waits for the chain
 
@@ -234,7 +247,7 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, o_smem, *a_smem, g, bm, step
             acc = acc + lax.broadcast_in_dim(s, acc.shape, [0]) * acc_g
         return acc
 
-    def body_scaled(acc_ref, _, w_smem, x_smem, s_smem, z_smem):
+    def body_scaled(acc_ref, idx, w_smem, x_smem, s_smem, z_smem):
         w_tile = load_w(w_smem)
         for gi in range(bk // g):
             s = plgpu.load(s_smem.at[gi], layout=row).astype(dtype)
@@ -242,7 +255,7 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, o_smem, *a_smem, g, bm, step
             wq = wq * lax.broadcast_in_dim(s, wq.shape, [0])  # (q - z) * s in x.dtype
             for j in range(g // x_elems):
                 cols = slice(j * x_elems, (j + 1) * x_elems)
-                b = x_smem.at[:, pl.ds(gi * g + j * x_elems, x_elems)].T
+                b = x_smem.at[:, x_cols(idx, gi * g + j * x_elems, x_elems)].T
                 plgpu.wgmma(acc_ref, wq[:, cols], b)
             plgpu.wgmma_wait(1)  # the previous chain is done: its registers are free
 
@@ -258,8 +271,8 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, o_smem, *a_smem, g, bm, step
             delay_release=release,
         ),
         plgpu.BlockSpec(
-            (bm, bk),
-            lambda i: (mi, k0 + i),
+            (bm, bk * steps) if cfg.x_resident else (bm, bk),
+            (lambda i: (mi, ki)) if cfg.x_resident else (lambda i: (mi, k0 + i)),
             transforms=_tiled(x_swizzle, 16),
             delay_release=release,
         ),

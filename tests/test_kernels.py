@@ -184,11 +184,22 @@ class TestMosaicInterpret(_Int4MatmulCases):
         pallas_mosaic_gpu.Config(block_n=64, block_k=64, split_k=2, a_in_smem=True),
         pallas_mosaic_gpu.Config(block_n=64, block_k=128, max_concurrent_steps=2, a_in_smem=True),
         pallas_mosaic_gpu.Config(block_n=64, block_k=128, block_m=8, a_in_smem=True),
+        pallas_mosaic_gpu.Config(
+            block_n=64, block_k=128, split_k=2, x_resident=True, a_in_smem=True
+        ),
     ]
 
     def matmul(self, x, w):
         cfg = self.CONFIGS[self.SHAPES.index((x.shape[0], w.k, w.n, w.group_size))]
         return pallas_mosaic_gpu.int4_matmul_mosaic(x, w, config=cfg, interpret=True)
+
+    def test_x_resident(self) -> None:
+        """The whole x slice of a CTA copied once, sliced per step (3 steps, 2 splits)."""
+        rng = np.random.default_rng(11)
+        w, w_kn = random_weight(rng, 768, 64, 128, fmt="s4")
+        x = jnp.asarray(rng.standard_normal((5, 768)), jnp.bfloat16)
+        out = pallas_mosaic_gpu.int4_matmul_mosaic(x, w, config=self.CONFIGS[4], interpret=True)
+        assert rel_err(out, np.asarray(x, np.float64) @ w_kn) < TOLERANCE[jnp.bfloat16]
 
     def test_lowers_for_the_gpu(self) -> None:
         """The register-operand kernel (the one the GPU runs) lowers to Mosaic GPU on any host."""
