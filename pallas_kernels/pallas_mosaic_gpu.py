@@ -5,15 +5,18 @@ weight is wgmma's A operand (M = block_n rows, a multiple of 64) and the tokens 
 N dimension (8..256): at decode a 16-token tile wastes nothing, where a token-major MMA
 would pad 1 token to 64 rows. Per CTA (one warpgroup):
 
-* ``emit_pipeline`` streams ``[block_n, block_k]`` tiles of the ``s4`` weight (TMA into
-  swizzled shared memory), the matching ``[m_pad, block_k]`` x tile and the
+* ``emit_pipeline`` streams ``[block_n, block_k]`` weight tiles (TMA into swizzled
+  shared memory), the matching ``[block_m, block_k]`` x tile and the
   ``[block_k / G, block_n]`` scales and zero points, ``max_concurrent_steps`` deep.
-* Per group: the int4 tile is loaded to registers and upcast with Mosaic's fast signed
-  int4 -> bf16 conversion, ``z - 8`` is subtracted per row (exact small integers, so the
-  dot is exact up to f32 accumulation), one wgmma chain multiplies it (A from registers)
-  by the x slice (B from shared memory, transposed view), and the group's scale is applied
-  once per output element in f32: ``acc += s[:, None] * acc_g``. At decode the
-  accumulator is 8-16 values per thread, so this costs far less than scaling every weight.
+* Per group the weight tile becomes the exact integers ``q - z`` in x.dtype, in the
+  wgmma A-operand registers. Two weight formats (layout.py): ``u4_wgmma`` (pre-permuted
+  at load time so that SHR + LOP3 + one packed SUB per two weights lands them in the
+  operand registers; inline PTX through ``plgpu.inline_mgpu``) and ``s4`` (any group
+  size: Mosaic's own signed int4 -> bf16 upcast, then ``z - 8`` subtracted per row).
+  One wgmma chain multiplies it (A from registers) by the x slice (B from shared memory,
+  transposed view), and the group's scale is applied once per output element in f32:
+  ``acc += s[:, None] * acc_g``. At decode the accumulator is 4-8 values per thread, so
+  this costs far less than scaling every weight.
 * Split-K: the grid is ``(N / block_n, split_k, M / block_m)``; each CTA writes an f32
   partial ``[block_n, block_m]`` through shared memory and TMA, and XLA sums the partials
   (one small fusion), so a 4096-wide layer at batch 1 still launches enough CTAs.
@@ -205,7 +208,7 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, o_smem, *a_smem, g, bm, step
             return plgpu.load(w_smem, layout=plgpu.Layout.WGMMA_8BIT)
         return w_smem[...]
 
-    def dequant(w_smem, w_tile, z_smem, gi):
+    def dequant(w_tile, z_smem, gi):
         """Group gi of the step's weight tile as exact ``q - z`` in x.dtype, [bn, g]."""
         if wgmma_fmt:
             zm = plgpu.load(z_smem.at[gi], layout=row).astype(jnp.float32)
@@ -229,7 +232,7 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, o_smem, *a_smem, g, bm, step
     def body(idx, w_smem, x_smem, s_smem, z_smem, acc):
         w_tile = load_w(w_smem)
         for gi in range(bk // g):
-            wq = dequant(w_smem, w_tile, z_smem, gi)
+            wq = dequant(w_tile, z_smem, gi)
             if cfg.a_in_smem:
                 a_smem[0][...] = wq
                 plgpu.commit_smem()
@@ -251,7 +254,7 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, o_smem, *a_smem, g, bm, step
         w_tile = load_w(w_smem)
         for gi in range(bk // g):
             s = plgpu.load(s_smem.at[gi], layout=row).astype(dtype)
-            wq = dequant(w_smem, w_tile, z_smem, gi)
+            wq = dequant(w_tile, z_smem, gi)
             wq = wq * lax.broadcast_in_dim(s, wq.shape, [0])  # (q - z) * s in x.dtype
             for j in range(g // x_elems):
                 cols = slice(j * x_elems, (j + 1) * x_elems)
