@@ -1,10 +1,13 @@
-"""Which backend and which block sizes, per (device kind, M, K, N, group size).
+"""Which backend and which block sizes, per (device kind, M, K, N, group size, format).
 
-A tuned table (``tuned_configs.json``, written by ``python -m pallas_kernels.bench
---tune`` on the device and committed) gives, per device kind and layer shape, the best
-measured Triton config for each bucket of M. Shapes or devices not in the table get a
-heuristic fitted to the same measurements. The numbers behind each rule are in
-docs/kernels.md. Anything that is not an NVIDIA GPU gets the reference ("xla").
+The weight's format (layout.py) follows the device: Hopper GPUs get the Mosaic GPU
+kernel's formats (``u4_wgmma``/``s4``) and run it up to ``_MAX_MOSAIC_M`` tokens with a
+heuristic config fitted to the H100 sweeps; other NVIDIA GPUs get ``u4_split`` and the
+Triton kernel, whose configs come from a tuned table (``tuned_configs.json``, written by
+``python -m pallas_kernels.bench --sweep tune`` on the device and committed) per device
+kind, layer shape and bucket of M, or a heuristic. Above those M, and on anything that is
+not an NVIDIA GPU, the reference ("xla": dequantize, then ``jnp.dot``). The numbers
+behind each rule are in docs/kernels.md.
 """
 
 from __future__ import annotations
