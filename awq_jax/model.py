@@ -113,6 +113,25 @@ def causal_mask(
     return mask
 
 
+# Prompts longer than this (and a multiple of it) attend one block of queries at a time.
+ATTENTION_QUERY_CHUNK = 512
+
+
+def _attend(
+    q_btkgh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array, h: int
+) -> jax.Array:
+    """Softmax attention of grouped queries over the keys; f32 scores, masked."""
+    logits = jnp.einsum(
+        "BTKGH,BSKH->BKGTS",
+        q_btkgh,
+        k_bskh.astype(q_btkgh.dtype),
+        preferred_element_type=jnp.float32,
+    ) * (h**-0.5)
+    logits = jnp.where(mask_bts[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_bskh.dtype)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_bskh)
+
+
 class Attention(nn.Module):
     """Multi-head / grouped-query attention with RoPE and an optional KV cache."""
 
@@ -157,15 +176,21 @@ class Attention(nn.Module):
             k_bskh, v_bskh = k_btkh, v_btkh
 
         q_btkgh = q_btnh.reshape(b, t, nk, c.q_per_kv, h)
-        logits = jnp.einsum(
-            "BTKGH,BSKH->BKGTS",
-            q_btkgh,
-            k_bskh.astype(q_btkgh.dtype),
-            preferred_element_type=jnp.float32,
-        ) * (h**-0.5)
-        logits = jnp.where(mask_bts[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v_bskh.dtype)
-        out_btkgh = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_bskh)
+        chunk = ATTENTION_QUERY_CHUNK
+        if t > chunk and t % chunk == 0:
+            # Long prompts: one block of queries at a time, so the f32 scores are
+            # [B, K, G, chunk, S] instead of [B, K, G, T, S] (32 x 2048 tokens of an 8B
+            # model would need 19 GB at once). Each query row's softmax is unchanged.
+            def block(args):
+                q_c, mask_c = args
+                return _attend(q_c, k_bskh, v_bskh, mask_c, h)
+
+            q_blocks = q_btkgh.reshape(b, t // chunk, chunk, *q_btkgh.shape[2:]).swapaxes(0, 1)
+            mask_blocks = mask_bts.reshape(b, t // chunk, chunk, -1).swapaxes(0, 1)
+            out = jax.lax.map(block, (q_blocks, mask_blocks))
+            out_btkgh = out.swapaxes(0, 1).reshape(b, t, *q_btkgh.shape[2:])
+        else:
+            out_btkgh = _attend(q_btkgh, k_bskh, v_bskh, mask_bts, h)
         out_btd = out_btkgh.reshape(b, t, nq * h).astype(x_btd.dtype)
         return Linear(c.hidden_size, c.o_bias, name="o_proj")(out_btd), cache
 

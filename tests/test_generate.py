@@ -126,3 +126,16 @@ def test_perplexity_is_exp_mean_nll(tiny_params):
     )
     with pytest.raises(ValueError, match="fewer than one window"):
         perplexity(TINY, tiny_params, ids[:10], seqlen=64, progress=False)
+
+
+def test_long_prompts_attend_in_query_blocks(monkeypatch):
+    """Query-blocked attention (long prompts) gives the logits of the one-block path."""
+    import awq_jax.model as model_mod
+
+    params = init_params(TINY, jax.random.key(3), jnp.float32)
+    tokens = jax.random.randint(jax.random.key(4), (2, 16), 0, TINY.vocab_size)
+    valid = jnp.ones((2, 16), bool).at[0, :5].set(False)  # a left-padded row too
+    whole = forward(TINY, params, tokens, key_valid_bt=valid)
+    monkeypatch.setattr(model_mod, "ATTENTION_QUERY_CHUNK", 4)  # 16 tokens -> 4 blocks
+    blocked = forward(TINY, params, tokens, key_valid_bt=valid)
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(whole), rtol=1e-5, atol=1e-5)
