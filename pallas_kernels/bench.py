@@ -213,16 +213,22 @@ def sweep_configs(m: int, k: int, n: int, gs: int) -> list[pallas_triton.Config]
         for bm in (64, 128):
             for nw in (4, 8):
                 cfgs.append((k, c(block_m=bm, block_n=128, swap=True, num_warps=nw)))
+    return _runnable(cfgs, k, lambda cfg: pallas_triton.check_supported(_FakeW(k, n, gs), cfg))
+
+
+def _runnable(cands: list[tuple[int, object]], k: int, check) -> list:
+    """Configs from (K rows per program, config) pairs: split_k set, unsupported dropped."""
     out = []
-    for rows, cfg in cfgs:
+    for rows, cfg in cands:
         if k % rows:
             continue
         cfg = dataclasses.replace(cfg, split_k=k // rows)
         try:
-            pallas_triton.check_supported(_FakeW(k, n, gs), cfg)
+            check(cfg)
         except NotImplementedError:
             continue
-        out.append(cfg)
+        if cfg not in out:
+            out.append(cfg)
     return out
 
 
@@ -251,15 +257,7 @@ def tune_candidates(m: int, k: int, n: int, gs: int) -> list[pallas_triton.Confi
             (2048, c(block_m=64, block_n=64, swap=True, scale_after_dot=False)),
             (2048, c(block_m=64, block_n=128, scale_after_dot=False)),
         ]
-    out = []
-    for rows, cfg in cands:
-        cfg = dataclasses.replace(cfg, split_k=max(1, k // rows))
-        try:
-            pallas_triton.check_supported(_FakeW(k, n, gs), cfg)
-        except NotImplementedError:
-            continue
-        out.append(cfg)
-    return out
+    return _runnable(cands, k, lambda cfg: pallas_triton.check_supported(_FakeW(k, n, gs), cfg))
 
 
 def mosaic_sweep_configs(m: int, k: int, n: int, gs: int) -> list[pallas_mosaic_gpu.Config]:
@@ -273,18 +271,10 @@ def mosaic_sweep_configs(m: int, k: int, n: int, gs: int) -> list[pallas_mosaic_
     cands += [(1024, c(block_n=64, max_concurrent_steps=2)), (1024, c(block_n=64, x_resident=True))]
     if m > 16:
         cands += [(2048, c(block_n=64, block_k=128)), (k, c(block_n=64))]
-    out = []
-    for rows, cfg in cands:
-        if k % rows:
-            continue
-        cfg = dataclasses.replace(cfg, split_k=k // rows)
-        try:
-            pallas_mosaic_gpu.check_supported(m, _FakeW(k, n, gs, fmt="s4"), jnp.bfloat16, cfg)
-        except NotImplementedError:
-            continue
-        if cfg not in out:
-            out.append(cfg)
-    return out
+    w = _FakeW(k, n, gs, fmt="s4")
+    return _runnable(
+        cands, k, lambda cfg: pallas_mosaic_gpu.check_supported(m, w, jnp.bfloat16, cfg)
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -230,36 +230,23 @@ def prepare_weight(
     if fmt == "u4_wgmma":
         if group_size % WGMMA_CHUNK or k % WGMMA_CHUNK:
             raise ValueError(f"fmt='u4_wgmma' needs group_size and K multiples of {WGMMA_CHUNK}")
-        return Int4Weight(
-            q_packed=pack_wgmma(q_kn.T.astype(jnp.uint8)),
-            scales_gn=scales_gn.astype(jnp.float16),
-            zeros_gn=zeros_gn.astype(jnp.float16),
-            k=k,
-            n=n,
-            group_size=group_size,
-            fmt=fmt,
-        )
-    if fmt == "s4":
-        return Int4Weight(
-            q_packed=(q_kn.T.astype(jnp.int8) - 8).astype(jnp.int4),
-            scales_gn=scales_gn.astype(jnp.float16),
-            zeros_gn=zeros_gn.astype(jnp.float16),
-            k=k,
-            n=n,
-            group_size=group_size,
-            fmt=fmt,
-        )
-    if tile_n is None:
-        tile_n = 64 if n % 64 == 0 and jax.default_backend() == "gpu" else 0
-    if tile_n and n % tile_n:
-        raise ValueError(f"tile_n={tile_n} must divide N={n}")
-    q_nk2 = pack_codes(q_kn, group_size)
+        tile_n, q_packed = 0, pack_wgmma(q_kn.T.astype(jnp.uint8))
+    elif fmt == "s4":
+        tile_n, q_packed = 0, (q_kn.T.astype(jnp.int8) - 8).astype(jnp.int4)
+    else:
+        if tile_n is None:
+            tile_n = 64 if n % 64 == 0 and jax.default_backend() == "gpu" else 0
+        if tile_n and n % tile_n:
+            raise ValueError(f"tile_n={tile_n} must divide N={n}")
+        q_packed = pack_codes(q_kn, group_size)
+        q_packed = tile_codes(q_packed, group_size, tile_n) if tile_n else q_packed
     return Int4Weight(
-        q_packed=tile_codes(q_nk2, group_size, tile_n) if tile_n else q_nk2,
+        q_packed=q_packed,
         scales_gn=scales_gn.astype(jnp.float16),
         zeros_gn=zeros_gn.astype(jnp.float16),
         k=k,
         n=n,
         group_size=group_size,
         tile_n=tile_n,
+        fmt=fmt,
     )
