@@ -170,6 +170,10 @@ def impl_fns(names: list[str]) -> dict:
     return {n: table[n] for n in names}
 
 
+def _not_timed(k: int, n: int, m: int, impl: str, why: str) -> dict:
+    return {"k": k, "n": n, "m": m, "impl": impl, "us": None, "rel_err": None, "error": why}
+
+
 def measure_one(p: Problem, m: int, name: str, fn, weights: str, seed: int) -> dict:
     if weights == "default":  # what prepare_weight writes on this device
         weights = default_format(p.k, p.group_size)
@@ -459,33 +463,20 @@ def main(argv: list[str] | None = None) -> None:
                 fns = {**impl_fns([i for i in args.impls.split(",") if i]), **fns}
             else:
                 fns = impl_fns(args.impls.split(","))
-            chose = api.choose(m, p.w4[default_format(k, args.group_size)][0])
+            auto_fmt = default_format(k, args.group_size)
+            chose = api.choose(m, p.w4[auto_fmt][0])
             auto_rec = None
             if "auto" in fns:  # time auto first: a backend it picked is not timed twice
                 fns = {"auto": fns.pop("auto"), **fns}
             for name, (fn, weights) in fns.items():
-                if auto_rec is not None and _IMPL_OF.get(name) == chose:
+                same = _IMPL_OF.get(name) == chose and weights == auto_fmt
+                if auto_rec is not None and same:
                     rec = {**auto_rec, "impl": name, "same_as_auto": True}
                 elif name == "xla_int4" and 16 < m <= 128 and chose == "triton":
-                    rec = {
-                        "k": k,
-                        "n": n,
-                        "m": m,
-                        "impl": name,
-                        "us": None,
-                        "rel_err": None,
-                        "error": "not timed for 16 < M <= 128 (see M=16 and M=256)",
-                    }
+                    rec = _not_timed(k, n, m, name, "not timed for 16 < M <= 128 (see M=16, 256)")
                 elif name == "triton" and m > MAX_TRITON_BENCH_M:
-                    rec = {
-                        "k": k,
-                        "n": n,
-                        "m": m,
-                        "impl": name,
-                        "us": None,
-                        "rel_err": None,
-                        "error": f"not timed above M={MAX_TRITON_BENCH_M} (dispatch uses xla)",
-                    }
+                    why = f"not timed above M={MAX_TRITON_BENCH_M} (dispatch uses xla)"
+                    rec = _not_timed(k, n, m, name, why)
                 else:
                     rec = measure_one(p, m, name, fn, weights, seed=1000 * si + m)
                 if name == "auto":
