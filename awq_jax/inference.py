@@ -46,13 +46,11 @@ class Int4Linear:
 
 def _to_int4(qt: QuantizedTensor, implementation: str | None) -> Int4Linear:
     from pallas_kernels import prepare_weight
+    from pallas_kernels.layout import format_for
 
     if qt.bits != 4:
         raise ValueError(f"the int4 kernels need 4-bit weights, got {qt.bits}-bit")
-    # The layout the chosen backend reads (None: the default device's best backend).
-    fmt = {"triton": "u4_split", "mosaic": "s4" if qt.group_size % 128 else "u4_wgmma"}.get(
-        implementation or ""
-    )
+    fmt = format_for(implementation, qt.q.shape[-2], qt.group_size)  # what the backend reads
     prepare = lambda q, s, z: prepare_weight(q, s, z, group_size=qt.group_size, fmt=fmt)  # noqa: E731
     for _ in range(qt.q.ndim - 2):  # stacked layers: map over the leading axes
         prepare = jax.vmap(prepare)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -153,12 +153,6 @@ def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, Path, Any]]:
         f = _open(path)
         for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
             yield name, path, f
-
-
-def _get_path(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-    for p in path:
-        tree = tree[p]
-    return tree
 
 
 def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:

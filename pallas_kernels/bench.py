@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import api, pallas_mosaic_gpu, pallas_triton
-from pallas_kernels.layout import WGMMA_CHUNK, Int4Weight, default_format, prepare_weight
+from pallas_kernels.layout import Int4Weight, format_for, prepare_weight
 from pallas_kernels.reference import dequantize
 
 SHAPES = {
@@ -69,7 +69,7 @@ class Problem:
     k: int
     n: int
     group_size: int
-    w4: dict[str, list[Int4Weight]]  # by format ("u4_split", "s4"), same codes
+    w4: dict[str, list[Int4Weight]]  # by format (layout.FORMATS), same codes
     w16_kn: list[jax.Array]
     ref_w_nk: jax.Array  # f32 dequantized weight of set 0, for the correctness check
 
@@ -88,7 +88,7 @@ def make_problem(
     (None: every format the group size allows).
     """
     if fmts is None:
-        fmts = ("u4_split", "s4") + (("u4_wgmma",) if group_size % WGMMA_CHUNK == 0 else ())
+        fmts = tuple(dict.fromkeys(("u4_split", "s4", format_for("mosaic", k, group_size))))
     nbytes4 = k * n // 2 + 4 * (k // group_size) * n
     sets4 = max(4, math.ceil(MIN_SET_BYTES / nbytes4))
     sets16 = max(4, math.ceil(MIN_SET_BYTES / (2 * k * n)))
@@ -159,15 +159,23 @@ def _bf16_dot(x_mk: jax.Array, w_kn: jax.Array) -> jax.Array:
 
 
 def impl_fns(names: list[str]) -> dict:
-    """name -> (fn(x, w), weights: "bf16" or the int4 format it reads)."""
+    """name -> (fn(x, w), weights: "bf16", an int4 format, or the backend whose format
+    (``layout.format_for``) it reads: "mosaic", or "auto" for dispatch's)."""
     table = {
         "bf16": (_bf16_dot, "bf16"),
         "xla_int4": (lambda x, w: api.int4_matmul(x, w, implementation="xla"), "u4_split"),
         "triton": (lambda x, w: api.int4_matmul(x, w, implementation="triton"), "u4_split"),
-        "mosaic": (lambda x, w: api.int4_matmul(x, w, implementation="mosaic"), "s4"),
-        "auto": (lambda x, w: api.int4_matmul(x, w), "default"),
+        "mosaic": (lambda x, w: api.int4_matmul(x, w, implementation="mosaic"), "mosaic"),
+        "auto": (lambda x, w: api.int4_matmul(x, w), "auto"),
     }
     return {n: table[n] for n in names}
+
+
+def _fmt(weights: str, k: int, group_size: int) -> str:
+    """What an :func:`impl_fns` weights entry reads: "bf16" or an int4 format."""
+    if weights in ("mosaic", "auto"):
+        return format_for(None if weights == "auto" else weights, k, group_size)
+    return weights
 
 
 def _not_timed(k: int, n: int, m: int, impl: str, why: str) -> dict:
@@ -175,8 +183,7 @@ def _not_timed(k: int, n: int, m: int, impl: str, why: str) -> dict:
 
 
 def measure_one(p: Problem, m: int, name: str, fn, weights: str, seed: int) -> dict:
-    if weights == "default":  # what prepare_weight writes on this device
-        weights = default_format(p.k, p.group_size)
+    weights = _fmt(weights, p.k, p.group_size)
     ws = p.w16_kn if weights == "bf16" else p.w4[weights]
     xs = make_xs(m, p.k, 4, seed)
     rec = {"k": p.k, "n": p.n, "m": m, "impl": name, "us": None, "rel_err": None}
@@ -463,13 +470,13 @@ def main(argv: list[str] | None = None) -> None:
                 fns = {**impl_fns([i for i in args.impls.split(",") if i]), **fns}
             else:
                 fns = impl_fns(args.impls.split(","))
-            auto_fmt = default_format(k, args.group_size)
+            auto_fmt = format_for(None, k, args.group_size)
             chose = api.choose(m, p.w4[auto_fmt][0])
             auto_rec = None
             if "auto" in fns:  # time auto first: a backend it picked is not timed twice
                 fns = {"auto": fns.pop("auto"), **fns}
             for name, (fn, weights) in fns.items():
-                same = _IMPL_OF.get(name) == chose and weights == auto_fmt
+                same = _IMPL_OF.get(name) == chose and _fmt(weights, k, args.group_size) == auto_fmt
                 if auto_rec is not None and same:
                     rec = {**auto_rec, "impl": name, "same_as_auto": True}
                 elif name == "xla_int4" and 16 < m <= 128 and chose == "triton":

@@ -1,8 +1,10 @@
 """The on-device layout of a grouped int4 weight, and the one-time repack into it.
 
 AWQ stores ``W[K, N] = (q - z) * s`` with 4-bit codes ``q``, per-group integer zero
-points ``z`` and scales ``s`` (one group = ``group_size`` consecutive rows of K). The
-kernels want the weight TRANSPOSED, two codes per byte, split by halves of a group:
+points ``z`` and scales ``s`` (one group = ``group_size`` consecutive rows of K). Every
+format keeps the weight TRANSPOSED (K contiguous), two codes per byte, with the same
+f16 scales and zero points; they differ in the order of the codes. The Triton kernel's
+(``fmt="u4_split"``) splits each group by halves:
 
 * ``q_nk2``: ``uint8 [N, K // 2]``. Byte ``j`` of group ``g`` in row ``n`` holds
   ``q[g*G + j, n]`` in its low nibble and ``q[g*G + G/2 + j, n]`` in its high nibble
@@ -62,7 +64,8 @@ class Int4Weight:
 
     ``W[k, n] = (q[k, n] - zeros_gn[g, n]) * scales_gn[g, n]``, ``g = k // group_size``,
     with ``q`` packed into ``q_packed`` as described in the module docstring: format
-    ``fmt="u4_split"`` (Triton and reference) or ``"s4"`` (Mosaic GPU and reference).
+    ``fmt="u4_split"`` (Triton), ``"s4"`` or ``"u4_wgmma"`` (Mosaic GPU); the reference
+    reads all three.
     """
 
     # u4_split: uint8 [N/tile_n, K/G, tile_n, G/2] (tiled) or [N, K/2]; s4: int4 [N, K];
@@ -112,18 +115,23 @@ def is_hopper(device_kind: str) -> bool:
     )
 
 
-def default_format(k: int = WGMMA_CHUNK, group_size: int = WGMMA_CHUNK) -> str:
-    """The format :func:`prepare_weight` writes when none is asked for.
+def format_for(implementation: str | None, k: int, group_size: int) -> str:
+    """The format :func:`prepare_weight` writes for a backend (None: the default device's).
 
-    On a Hopper GPU the Mosaic GPU kernel's: ``"u4_wgmma"`` where the group size and K are
-    multiples of 128 (its fast dequantization; 8-10% faster than ``s4`` on the H100,
-    docs/kernels.md run 12), else ``"s4"``. Elsewhere ``"u4_split"`` (the Triton kernel's,
-    and the cheaper one for the reference on CPU/TPU).
+    ``"mosaic"``: ``"u4_wgmma"`` where the group size and K are multiples of 128 (its fast
+    dequantization; 8-10% faster than ``s4`` on the H100, docs/kernels.md run 12), else
+    ``"s4"``. ``"triton"``: ``"u4_split"``. None or ``"xla"``: Mosaic's format on a Hopper
+    GPU, else ``"u4_split"`` (the Triton kernel's, and the cheaper one for the reference
+    on CPU/TPU).
     """
-    dev = jax.devices()[0]
-    if dev.platform != "gpu" or not is_hopper(dev.device_kind):
+    if implementation == "mosaic":
+        return "u4_wgmma" if k % WGMMA_CHUNK == 0 == group_size % WGMMA_CHUNK else "s4"
+    if implementation == "triton":
         return "u4_split"
-    return "u4_wgmma" if k % WGMMA_CHUNK == 0 == group_size % WGMMA_CHUNK else "s4"
+    dev = jax.devices()[0]
+    if dev.platform == "gpu" and is_hopper(dev.device_kind):
+        return format_for("mosaic", k, group_size)
+    return "u4_split"
 
 
 def check_group_size(k: int, group_size: int) -> None:
@@ -173,12 +181,18 @@ def pack_wgmma(q_nk: jax.Array) -> jax.Array:
     return sum((q[:, :, t] << (4 * t)) for t in range(8)).astype(jnp.uint32)
 
 
+def stored_codes_wgmma(q_words: jax.Array) -> jax.Array:
+    """u4_wgmma words -> ``uint4 [N, K]`` codes in their STORED column order (nibble t of
+    word i is column ``8i + t``): a bitcast, no arithmetic."""
+    n, k8 = q_words.shape
+    return jax.lax.bitcast_convert_type(q_words, jnp.uint4).reshape(n, 8 * k8)
+
+
 def unpack_wgmma(q_words: jax.Array) -> jax.Array:
     """Inverse of :func:`pack_wgmma`: uint8 codes ``[N, K]``."""
     n, k8 = q_words.shape
     _, inverse = wgmma_order()
-    nib = jnp.stack([(q_words >> (4 * t)) & 0xF for t in range(8)], axis=-1)
-    q = nib.reshape(n, k8 // 16, WGMMA_CHUNK)[:, :, jnp.asarray(inverse)]
+    q = stored_codes_wgmma(q_words).reshape(n, k8 // 16, WGMMA_CHUNK)[:, :, jnp.asarray(inverse)]
     return q.reshape(n, 8 * k8).astype(jnp.uint8)
 
 
@@ -208,9 +222,9 @@ def prepare_weight(
       tile_n: columns per contiguous tile of the ``u4_split`` format (see the module
         docstring); None picks 64 when the default backend is a GPU and 64 divides N,
         else the plain order (0), which every backend accepts (the CPU reference then
-        skips a transpose). Ignored for ``s4``.
-      fmt: ``"u4_split"`` (the Triton kernel's layout) or ``"s4"`` (Mosaic GPU's);
-        None: :func:`default_format`.
+        skips a transpose). Ignored by the other formats.
+      fmt: ``"u4_split"`` (the Triton kernel's layout), ``"s4"`` or ``"u4_wgmma"``
+        (Mosaic GPU's); None: ``format_for(None, K, group_size)``.
 
     Returns:
       The weight as an :class:`Int4Weight` pytree. Pure jnp: jit it or run it on CPU.
@@ -224,7 +238,7 @@ def prepare_weight(
             f"scales/zeros must be [K//group_size, N] = {(g, n)}; "
             f"got {scales_gn.shape} and {zeros_gn.shape}"
         )
-    fmt = fmt or default_format(k, group_size)
+    fmt = fmt or format_for(None, k, group_size)
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}; got {fmt!r}")
     if fmt == "u4_wgmma":

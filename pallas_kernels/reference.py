@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.layout import WGMMA_CHUNK, Int4Weight
+from pallas_kernels.layout import WGMMA_CHUNK, Int4Weight, stored_codes_wgmma
 
 
 def _dequantize_planes(w: Int4Weight, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
@@ -54,8 +54,8 @@ def _dequantize_stored_wgmma(w: Int4Weight, dtype: jnp.dtype) -> jax.Array:
 
     A group is a whole number of 128-wide chunks, so a stored column keeps its group.
     """
-    nib = jax.lax.bitcast_convert_type(w.q_packed, jnp.uint4)  # [N, K/8, 8]: nibble t
-    q = nib.astype(jnp.float32).reshape(w.n, w.num_groups, w.group_size)
+    q = stored_codes_wgmma(w.q_packed).astype(jnp.float32)
+    q = q.reshape(w.n, w.num_groups, w.group_size)
     z = w.zeros_gn.T.astype(jnp.float32)[:, :, None]
     s = w.scales_gn.T.astype(jnp.float32)[:, :, None]
     return ((q - z) * s).astype(dtype).reshape(w.n, w.k)

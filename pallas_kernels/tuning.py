@@ -12,7 +12,6 @@ behind each rule are in docs/kernels.md.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import pathlib
@@ -28,8 +27,6 @@ _MAX_TRITON_M = 128
 # Above this many tokens the Mosaic kernel loses to dequantize-then-cuBLAS: measured
 # 1.6x bf16 at M=64, 0.92x at 128 and 0.55x at 256 (runs 8-9).
 _MAX_MOSAIC_M = 128
-# Programs wanted in flight for a memory-bound launch: a few per SM of an H100.
-_TARGET_PROGRAMS = 4 * 132
 # Weights at least this large (K * N) get the inline-PTX dequant at M <= 16.
 _ASM_MIN_KN = 32 * 1024 * 1024
 
@@ -100,10 +97,6 @@ def triton_config(
             block_n=block_n, split_k=split_k, swap=m > 1 or not asm, asm_dequant=asm
         )
     return pallas_triton.Config(block_m=64, block_n=block_n, split_k=split_k, swap=True)
-
-
-def config_to_dict(cfg: pallas_triton.Config) -> dict:
-    return dataclasses.asdict(cfg)
 
 
 def mosaic_config(

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from autoawq_unpack import _check_version, _import_awq
+from hf_random_model import random_model
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -51,20 +51,11 @@ def rtn(weight_oi: torch.Tensor, group: int):
 
 def build(job: dict) -> None:
     gemm = _import_awq("awq.modules.linear.gemm")
-    torch.manual_seed(0)
     group = job["group_size"]
-    config = AutoConfig.for_model(**job["config"])
-    config._attn_implementation = "eager"
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = random_model(job["config"])
+    config = model.config
     tensors: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif name.endswith(".bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.05 * torch.randn_like(p))
         for name, module in model.named_modules():
             if not (isinstance(module, torch.nn.Linear) and name.split(".")[-1] in LINEARS):
                 continue

@@ -17,7 +17,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 
-def build(cfg_dict: dict, out_dir: str, ids_path: str, logits_path: str) -> None:
+def random_model(cfg_dict: dict) -> torch.nn.Module:
+    """A float32 transformers model with every parameter random (norms and biases too)."""
     torch.manual_seed(0)
     config = AutoConfig.for_model(**cfg_dict)
     config._attn_implementation = "eager"
@@ -30,6 +31,11 @@ def build(cfg_dict: dict, out_dir: str, ids_path: str, logits_path: str) -> None
                 p.copy_(0.1 * torch.randn_like(p))
             else:
                 p.copy_(0.05 * torch.randn_like(p))
+    return model
+
+
+def build(cfg_dict: dict, out_dir: str, ids_path: str, logits_path: str) -> None:
+    model = random_model(cfg_dict)
     model.save_pretrained(out_dir, safe_serialization=True)
     ids = torch.from_numpy(np.load(ids_path).astype(np.int64))
     with torch.no_grad():
