@@ -38,8 +38,8 @@ f16 scales and zero points; they differ in the order of the codes. The Triton ke
   inside a word element pair ``p`` sits at nibbles ``p`` and ``p + 4``. Then
   ``(w >> 4p) & 0x000F000F | 0x43004300`` is a register of two bf16 numbers ``128 + q``
   with no shuffle or repack (the int4 trick of FasterTransformer / Marlin), and one
-  packed subtraction of ``128 + z`` gives the exact ``q - z``: ~1.4 instructions per
-  weight against ~3 for the generic signed-int4 path.
+  packed subtraction of ``128 + z`` gives the exact ``q - z``: 1.5 instructions per
+  weight against ~2.5 for the generic signed-int4 path.
 
 The nibble order of AWQ's own ``qweight`` checkpoints lives in ``convert/``; this module
 starts from plain unpacked codes ``q_kn`` so it never needs to know it.
