@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from awq_jax.config import ModelConfig
-from awq_jax.generate import generate_tokens
+from awq_jax.generate import generate_tokens, prefill
 from awq_jax.inference import Int4Linear, prepare_for_inference, weight_bytes
-from awq_jax.model import Transformer, causal_mask, init_cache, init_params
+from awq_jax.model import init_params
 from awq_jax.pipeline import awq_quantize, rtn_quantize
 from awq_jax.search import SearchSettings
 
@@ -65,17 +65,7 @@ def random_params(config: ModelConfig, dtype=jnp.bfloat16) -> dict[str, Any]:
     return init(jax.random.key(0))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_len"))
-def _prefill(config, params, tokens_bt, max_len):
-    b, t = tokens_bt.shape
-    cache = init_cache(config, params, b, max_len)
-    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    key_valid = jnp.arange(max_len)[None, :] < t
-    mask = causal_mask(positions, jnp.broadcast_to(key_valid, (b, max_len)))
-    logits, cache = Transformer(config).apply(
-        {"params": params}, tokens_bt, positions, mask, cache, 0, last_only=True
-    )
-    return logits, cache
+_prefill = jax.jit(prefill, static_argnames=("config", "max_len"))
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -94,19 +84,19 @@ def bench_generate_one(
     tokens = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, config.vocab_size)
     valid = jnp.ones((batch, prompt_len), bool)
     key = jax.random.key(2)
-    prefill = _median_seconds(
-        lambda: _prefill(config, params, tokens, prompt_len + new_tokens), repeats
+    prefill_s = _median_seconds(
+        lambda: _prefill(config, params, tokens, valid, max_len=prompt_len + new_tokens), repeats
     )
     total = _median_seconds(
         lambda: generate_tokens(config, params, tokens, valid, key, max_new_tokens=new_tokens),
         repeats,
     )
-    decode = max(total - prefill, 1e-9)
+    decode = max(total - prefill_s, 1e-9)
     return {
-        "prefill_tok_s": batch * prompt_len / prefill,
+        "prefill_tok_s": batch * prompt_len / prefill_s,
         "decode_tok_s": batch * new_tokens / decode,
         "ms_per_token": 1e3 * decode / new_tokens,
-        "prefill_s": prefill,
+        "prefill_s": prefill_s,
         "generate_s": total,
     }
 

@@ -65,6 +65,26 @@ def _bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (n - 1).bit_length())
 
 
+def prefill(
+    config: ModelConfig, params: Any, tokens_bt: jax.Array, valid_bt: jax.Array, max_len: int
+) -> tuple[jax.Array, Any]:
+    """Runs left-padded prompts through the model into a fresh ``max_len`` KV cache.
+
+    Returns the last position's logits ``[B, V]`` and the cache (keys past the prompt are
+    marked valid: they are the tokens decoding will write).
+    """
+    b, t = tokens_bt.shape
+    cache = init_cache(config, params, b, max_len)
+    key_valid_bs = jnp.concatenate([valid_bt, jnp.ones((b, max_len - t), bool)], axis=1)
+    positions_bt = jnp.maximum(jnp.cumsum(valid_bt, axis=-1) - 1, 0)
+    q_index_bt = jnp.broadcast_to(jnp.arange(t), (b, t))
+    mask = causal_mask(q_index_bt, key_valid_bs, config.sliding_window)
+    logits, cache = Transformer(config).apply(
+        {"params": params}, tokens_bt, positions_bt, mask, cache, 0, last_only=True
+    )
+    return logits[:, -1], cache
+
+
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "eos_ids"))
 def generate_tokens(
     config: ModelConfig,
@@ -82,21 +102,14 @@ def generate_tokens(
     ``tokens_bt`` are left-padded prompts and ``valid_bt`` marks their real tokens.
     """
     b, t = tokens_bt.shape
-    s = t + max_new_tokens
     model = Transformer(config)
-    cache = init_cache(config, params, b, s)
     key_valid_bs = jnp.concatenate([valid_bt, jnp.ones((b, max_new_tokens), bool)], axis=1)
     lengths_b = valid_bt.sum(axis=-1).astype(jnp.int32)
     eos = jnp.asarray(eos_ids if eos_ids else (-2,), jnp.int32)
 
-    positions_bt = jnp.maximum(jnp.cumsum(valid_bt, axis=-1) - 1, 0)
-    q_index_bt = jnp.broadcast_to(jnp.arange(t), (b, t))
-    mask = causal_mask(q_index_bt, key_valid_bs, config.sliding_window)
-    logits, cache = model.apply(
-        {"params": params}, tokens_bt, positions_bt, mask, cache, 0, last_only=True
-    )
+    logits_bv, cache = prefill(config, params, tokens_bt, valid_bt, t + max_new_tokens)
     key, sub = jax.random.split(key)
-    token_b = _sample(logits[:, -1], sub, sampling)
+    token_b = _sample(logits_bv, sub, sampling)
     out = jnp.full((b, max_new_tokens), -1, jnp.int32)
     done_b = jnp.zeros((b,), bool)
 

@@ -139,3 +139,17 @@ def test_long_prompts_attend_in_query_blocks(monkeypatch):
     monkeypatch.setattr(model_mod, "ATTENTION_QUERY_CHUNK", 4)  # 16 tokens -> 4 blocks
     blocked = forward(TINY, params, tokens, key_valid_bt=valid)
     np.testing.assert_allclose(np.asarray(blocked), np.asarray(whole), rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_last_logits_match_forward():
+    """`prefill` (shared by generate and the benchmark) on left-padded prompts: the last
+    position's logits equal the uncached forward's."""
+    from awq_jax.generate import prefill
+
+    params = init_params(TINY, jax.random.key(5), jnp.float32)
+    tokens = jax.random.randint(jax.random.key(6), (2, 8), 0, TINY.vocab_size)
+    valid = jnp.ones((2, 8), bool).at[1, :3].set(False)
+    logits_bv, cache = prefill(TINY, params, tokens, valid, max_len=12)
+    want = forward(TINY, params, tokens, key_valid_bt=valid)[:, -1]
+    np.testing.assert_allclose(np.asarray(logits_bv), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert cache[0][0].shape[1] == 12  # layer 0 keys: [B, max_len, kv heads, head dim]
