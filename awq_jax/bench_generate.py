@@ -1,6 +1,7 @@
 """GPU benchmarks of the whole path: jit ``generate`` with bf16 vs int4 weights, AWQ search time.
 
     awq-jax bench generate --out DIR     # -> DIR/generate-<device>.json / .md
+    awq-jax bench profile --out DIR      # -> DIR/decode-profile-<device>.json / .md
     awq-jax bench search --out DIR       # -> DIR/search-<device>.json / .md
 
 The model is Llama-3-8B-shaped (32 layers, 4096 wide, GQA 32/8, MLP 14336, vocab 128256) with
@@ -168,6 +169,105 @@ def run_generate(
     return records
 
 
+def _kernel_group(name: str) -> str:
+    """A readable bucket for a kernel name from the CUPTI trace."""
+    lowered = name.lower()
+    for key, group in (
+        ("int4_matmul_mosaic", "int4 matmul (Mosaic GPU)"),
+        ("int4_matmul_triton", "int4 matmul (Triton)"),
+        ("mosaic", "int4 matmul (Mosaic GPU)"),
+        ("gemm", "cuBLAS GEMM"),
+        ("gemv", "cuBLAS GEMV"),
+        ("cutlass", "cuBLAS GEMM"),
+        ("reduce", "XLA reductions"),
+        ("fusion", "XLA fusions"),
+    ):
+        if key in lowered:
+            return group
+    return "other: " + name[:40]
+
+
+def profile_decode(
+    config, params, *, batch: int = 1, prompt_len: int = 128, new_tokens: int = 64
+) -> dict:
+    """Where one decode step's GPU time goes: CUPTI kernel times of a whole generate
+    call minus those of its prefill, per generated token, bucketed by kernel kind, next
+    to the wall time per token (the gap is time the GPU spends idle between kernels)."""
+    from jax.experimental.mosaic.gpu import profiler
+
+    tokens = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, config.vocab_size)
+    valid = jnp.ones((batch, prompt_len), bool)
+    key = jax.random.key(2)
+
+    def gen(p, tokens, valid, key):
+        return generate_tokens(config, p, tokens, valid, key, max_new_tokens=new_tokens)
+
+    def pre(p, tokens, valid, key):
+        return _prefill(config, p, tokens, valid, max_len=prompt_len + new_tokens)
+
+    args = (params, tokens, valid, key)  # arguments, not constants captured by a jit
+    walls = {}
+    kernels = {}
+    for name, fn in (("generate", gen), ("prefill", pre)):
+        walls[name] = _median_seconds(lambda fn=fn: fn(*args), 3)
+        _, trace = profiler.measure(fn, aggregate=False)(*args)
+        kernels[name] = trace or []
+    per_token: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    per_name: dict[str, float] = {}
+    for name, sign in (("generate", 1), ("prefill", -1)):
+        for kname, ms in kernels[name]:
+            group = _kernel_group(kname)
+            per_token[group] = per_token.get(group, 0.0) + sign * 1e3 * ms / new_tokens
+            counts[group] = counts.get(group, 0) + sign
+            per_name[kname[:60]] = per_name.get(kname[:60], 0.0) + sign * 1e3 * ms / new_tokens
+    gpu_us = sum(per_token.values())
+    wall_us = 1e6 * (walls["generate"] - walls["prefill"]) / new_tokens
+    return {
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "wall_us_per_token": wall_us,
+        "kernel_us_per_token": gpu_us,
+        "kernels_per_token": sum(counts.values()) / new_tokens,
+        "groups": {
+            g: {"us_per_token": us, "kernels_per_token": counts[g] / new_tokens}
+            for g, us in sorted(per_token.items(), key=lambda kv: -kv[1])
+        },
+        "top_kernels_us_per_token": dict(sorted(per_name.items(), key=lambda kv: -kv[1])[:20]),
+    }
+
+
+def run_profile(out: Path, *, impls: tuple[str, ...] = ("int4", "bf16")) -> list:
+    """:func:`profile_decode` of the 8B-shaped model at batch 1, per implementation."""
+    config = LLAMA3_8B
+    params = random_params(config)
+    q = rtn_quantize(config, params, SearchSettings(group_size=128))
+    variants = {"int4": lambda: prepare_for_inference(q, implementation=None)}
+    variants["xla_int4"] = lambda: prepare_for_inference(q, implementation="xla")
+    variants["bf16"] = lambda: prepare_for_inference(params)
+    records = []
+    lines = [
+        "| impl | wall us/token | kernel us/token | kernels/token | top kernel groups (us/token) |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for impl in impls:
+        rec = {
+            "model": "llama3-8b-shaped",
+            "impl": impl,
+            **profile_decode(config, variants[impl]()),
+        }
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+        top = "; ".join(f"{g}: {v['us_per_token']:.0f}" for g, v in list(rec["groups"].items())[:5])
+        lines.append(
+            f"| {impl} | {rec['wall_us_per_token']:.0f} | {rec['kernel_us_per_token']:.0f} | "
+            f"{rec['kernels_per_token']:.0f} | {top} |"
+        )
+    _write(out, f"decode-profile-{_device_tag()}", records, "\n".join(lines))
+    return records
+
+
 def _generate_table(records: list[dict]) -> str:
     base = {(r["batch"], r["prompt_len"]): r for r in records if r["impl"] == "bf16"}
     lines = [
@@ -249,5 +349,11 @@ def main(args) -> None:
             except ValueError as e:
                 raise ValueError(f"--cases takes BATCHxPROMPT,..., got {args.cases!r}") from e
         run_generate(out, quick=args.quick, impls=impls, cases=cases)
+    elif args.what == "profile":
+        impls = tuple(args.impls.split(",")) if args.impls else ("int4", "bf16")
+        unknown = set(impls) - set(IMPLS)
+        if unknown:
+            raise ValueError(f"unknown --impls {sorted(unknown)}; choose from {IMPLS}")
+        run_profile(out, impls=impls)
     else:
         run_search(out, quick=args.quick)

@@ -304,17 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        help="GPU benchmarks (generate throughput, search time)",
+        help="GPU benchmarks (generate throughput, decode profile, search time)",
         description="Benchmarks on a GPU: jit generate with bf16 vs int4 weights "
-        "on an 8B-shaped random model, and the AWQ search time.",
+        "on an 8B-shaped random model ('generate'), where one decode step's GPU time "
+        "goes, kernel by kernel ('profile'), and the AWQ search time ('search').",
     )
-    p.add_argument("what", choices=["generate", "search"])
+    p.add_argument("what", choices=["generate", "profile", "search"])
     p.add_argument("--out", default="docs/benchmarks", help="folder for the JSON/markdown")
     p.add_argument("--quick", action="store_true", help="fewer configurations (smoke test)")
     p.add_argument(
         "--impls",
         default=None,
-        help="generate: comma-separated subset of int4,xla_int4,bf16 (default all)",
+        help="generate/profile: comma-separated subset of int4,xla_int4,bf16 (default all)",
     )
     p.add_argument(
         "--cases",

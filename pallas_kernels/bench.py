@@ -271,21 +271,28 @@ def tune_candidates(m: int, k: int, n: int, gs: int) -> list[pallas_triton.Confi
     return _runnable(cands, k, lambda cfg: pallas_triton.check_supported(_FakeW(k, n, gs), cfg))
 
 
-def mosaic_sweep_configs(m: int, k: int, n: int, gs: int) -> list[pallas_mosaic_gpu.Config]:
-    """Mosaic GPU configs to time in --sweep mosaic mode (around the heuristic)."""
+def mosaic_sweep_configs(
+    m: int, k: int, n: int, gs: int, splits: tuple[int, ...] = (1, 2, 4, 7, 8)
+) -> list[pallas_mosaic_gpu.Config]:
+    """Mosaic GPU configs to time in --sweep mosaic mode (around the heuristic): the
+    XLA-summed split-K of runs 8-13 against the in-kernel cluster reduction with
+    ``splits`` CTAs per cluster (7: 14336 = 7 x 2048)."""
     c = pallas_mosaic_gpu.Config
-    cands = []  # (K rows per CTA, config)
-    for rows in (1024, 2048):
-        for bn in (64, 128):
-            cands.append((rows, c(block_n=bn)))
-            cands.append((rows, c(block_n=bn, scale_in_dequant=True)))
-    cands += [(1024, c(block_n=64, max_concurrent_steps=2)), (1024, c(block_n=64, x_resident=True))]
-    if m > 16:
-        cands += [(2048, c(block_n=64, block_k=128)), (k, c(block_n=64))]
-    w = _FakeW(k, n, gs, fmt="s4")
-    return _runnable(
+    bk = 128 if 16 < m <= 64 else 256
+    cands = [(1024 if m <= 16 else 2048, c(block_n=64, block_k=bk))]  # (K rows per CTA, cfg)
+    for split in splits:
+        if k % split == 0:
+            cands.append((k // split, c(block_n=64, block_k=bk, cluster_reduce=True)))
+    cands += [
+        (1024, c(block_n=64, block_k=bk, cluster_reduce=True, x_resident=True)),
+        (1024, c(block_n=64, block_k=512, cluster_reduce=True)),
+        (1024, c(block_n=64, block_k=bk, cluster_reduce=True, max_concurrent_steps=6)),
+    ]
+    w = _FakeW(k, n, gs, fmt=format_for("mosaic", k, gs))
+    cfgs = _runnable(
         cands, k, lambda cfg: pallas_mosaic_gpu.check_supported(m, w, jnp.bfloat16, cfg)
     )
+    return [cfg for cfg in cfgs if cfg.split_k in splits or not cfg.cluster_reduce]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -418,6 +425,11 @@ def main(argv: list[str] | None = None) -> None:
         "'tune': time the Triton tuning candidates and write tuned_configs.json (copy it "
         "into pallas_kernels/ and commit it)",
     )
+    ap.add_argument(
+        "--mosaic-splits",
+        default="1,2,4,7,8",
+        help="--sweep mosaic: cluster sizes (split_k) of the in-kernel reduction to time",
+    )
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting work after")
     args = ap.parse_args(argv)
     t0 = time.time()
@@ -454,10 +466,9 @@ def main(argv: list[str] | None = None) -> None:
                 fns = {**impl_fns([i for i in args.impls.split(",") if i]), **fns}
             elif args.sweep == "mosaic":
                 fns = {}
-                for fmt in ("s4", "u4_wgmma"):
-                    if fmt not in p.w4:
-                        continue
-                    for cfg in mosaic_sweep_configs(m, k, n, args.group_size):
+                for fmt in [format_for("mosaic", k, args.group_size)]:
+                    splits = tuple(int(v) for v in args.mosaic_splits.split(","))
+                    for cfg in mosaic_sweep_configs(m, k, n, args.group_size, splits):
                         name = f"mosaic[{fmt}]:" + ",".join(
                             f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
                         )

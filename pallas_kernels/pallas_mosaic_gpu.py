@@ -17,9 +17,14 @@ would pad 1 token to 64 rows. Per CTA (one warpgroup):
   transposed view), and the group's scale is applied once per output element in f32:
   ``acc += s[:, None] * acc_g``. At decode the accumulator is 4-8 values per thread, so
   this costs far less than scaling every weight.
-* Split-K: the grid is ``(N / block_n, split_k, M / block_m)``; each CTA writes an f32
-  partial ``[block_n, block_m]`` through shared memory and TMA, and XLA sums the partials
-  (one small fusion), so a 4096-wide layer at batch 1 still launches enough CTAs.
+* Split-K, two ways. ``cluster_reduce=True`` (dispatch's choice where N / 64 >= 100):
+  the ``split_k`` CTAs of a row tile form a thread-block cluster; the others store their
+  f32 accumulators into the leader's shared memory (``st.shared::cluster``), one
+  ``barrier.cluster`` later the leader adds them and writes its rows of the ``[M, N]``
+  output in x.dtype itself, so nothing runs after the kernel. Otherwise the grid is
+  ``(N / block_n, split_k, M / block_m)``, each CTA writes an f32 partial
+  ``[block_n, block_m]`` through shared memory and TMA and XLA sums the partials (one
+  small fusion): more CTAs than a cluster can co-schedule, for 4096-wide layers.
 
 ``scale_in_dequant=True`` instead multiplies each dequantized weight by its scale in
 x.dtype (one more packed multiply per two weights, one bf16 rounding of the scale) and
@@ -75,6 +80,10 @@ class Config:
     x_resident: copy the CTA's whole ``[block_m, K / split_k]`` x slice once (the pipeline
       sees an index-invariant block) instead of one ``[block_m, block_k]`` tile per step:
       a quarter to a third fewer TMA bytes per step at decode.
+    cluster_reduce: finish inside the kernel, no XLA epilogue: the ``split_k`` CTAs of a
+      row tile form a thread-block cluster, the others ``st.async`` their f32
+      accumulators into the leader's shared memory, and the leader adds them and writes
+      its ``[M, block_n]`` slice of the output in x.dtype (needs a single M tile).
     """
 
     block_n: int = 128
@@ -85,6 +94,11 @@ class Config:
     scale_in_dequant: bool = False
     a_in_smem: bool = False
     x_resident: bool = False
+    cluster_reduce: bool = False
+
+
+# A thread-block cluster holds at most 8 CTAs (portable size).
+MAX_CLUSTER = 8
 
 
 def _swizzle(row_bytes: int) -> int:
@@ -111,7 +125,8 @@ def pipeline_depth(bm: int, g: int, cfg: Config, steps: int) -> int:
     per_step = bn * bk // 2 + 2 * (bk // g) * bn * 2
     x_bytes = bm * bk * 2 * (steps if cfg.x_resident else 1)
     per_step += 0 if cfg.x_resident else x_bytes
-    fixed = bn * bm * 4 + (bn * g * 2 if cfg.a_in_smem else 0)
+    out_tiles = cfg.split_k - 1 if cfg.cluster_reduce else 1
+    fixed = out_tiles * bn * bm * 4 + (bn * g * 2 if cfg.a_in_smem else 0)
     fixed += x_bytes * cfg.max_concurrent_steps if cfg.x_resident else 0
     fits = max(1, (SMEM_BUDGET - fixed) // per_step)
     return max(1, min(cfg.max_concurrent_steps, steps, fits))
@@ -136,6 +151,11 @@ def check_supported(m: int, w: Int4Weight, dtype: jnp.dtype, cfg: Config) -> Non
         problems.append(f"block_m={bm} must be a multiple of 8 in [8, {MAX_BLOCK_M}]")
     if w.k % (cfg.split_k * cfg.block_k):
         problems.append(f"K={w.k} must split into {cfg.split_k} x steps of block_k={cfg.block_k}")
+    if cfg.cluster_reduce and (m > bm or cfg.split_k > MAX_CLUSTER or cfg.a_in_smem):
+        problems.append(
+            f"cluster_reduce needs one M tile (M={m} > block_m={bm}?), split_k <= "
+            f"{MAX_CLUSTER} and no a_in_smem"
+        )
     if problems:
         raise NotImplementedError("; ".join(problems))
 
@@ -192,10 +212,79 @@ def _dequant_wgmma(words, zm, dtype):
     return convert(words, zm)
 
 
-def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, o_smem, *a_smem, g, bm, steps, depth, cfg):
+def _store_transposed(val, o_ref, m: int):
+    """``o_ref[t, r] = val[r, t]`` for the tokens ``t < m``: val ``[bn, bm]`` (WGMMA
+    layout, x.dtype) -> o_ref ``[m, bn]`` in global memory, one predicated store per
+    element (a few per thread at decode); the weight rows of one token are contiguous.
+    """
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, memref
+
+    bm = val.shape[1]
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
+    def store(_, val, ref):
+        limit = arith.constant(ir.IndexType.get(), m)
+
+        def put(v, idx):
+            row, tok = idx
+            if m >= bm:
+                memref.store(v, ref, [tok, row])
+                return
+            with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, tok, limit)):
+                memref.store(v, ref, [tok, row])
+
+        val.foreach(put)
+
+    store(val, o_ref)
+
+
+def _store_to_leader(val, ref):
+    """``ref`` in the shared memory of the cluster's CTA 0 ``= val`` (one
+    ``st.shared::cluster`` per element: a few per thread)."""
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, gpu, memref
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
+    def store(_, val, ref):
+        leader = arith.constant(ir.IndexType.get(), 0)
+        remote = mgpu_utils.get_cluster_ref(ref, gpu.Dimension.x, leader, generic=False)
+        val.foreach(lambda v, idx: memref.store(v, remote, list(idx)))
+
+    store(val, ref)
+
+
+def _cluster_sync():
+    """All threads of all CTAs in the cluster: their earlier writes (shared memory of
+    other CTAs included) are visible to every one of them after this."""
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import llvm
+
+    @plgpu.inline_mgpu()
+    def sync(_):
+        llvm.inline_asm(
+            ir.Type.parse("!llvm.void"),
+            [],
+            "barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;",
+            "",
+            has_side_effects=True,
+        )
+
+    sync()
+
+
+def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, *scratch, g, bm, m, steps, depth, cfg):
     bn, bk = cfg.block_n, cfg.block_k
     dtype = x_gmem.dtype
-    ni, ki, mi = lax.axis_index("n"), lax.axis_index("k"), lax.axis_index("m")
+    ni, mi = lax.axis_index("n"), lax.axis_index("m")
+    ki = lax.axis_index("k") if cfg.split_k > 1 or not cfg.cluster_reduce else 0
+    if cfg.cluster_reduce:
+        red_smem = scratch[0] if cfg.split_k > 1 else None
+        a_smem = ()
+    else:
+        o_smem, *a_smem = scratch
     x_swizzle = _swizzle(min(g, 64) * 2)  # an x slice per wgmma = one swizzle row
     x_elems = x_swizzle // 2
     row = plgpu.Layout.WGMMA.reduce(1)  # one value per accumulator row (weight row)
@@ -265,6 +354,7 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, o_smem, *a_smem, g, bm, step
     k0 = ki * steps
     w_swizzle = _swizzle(bk // 2)
     w_block, w_bits = ((bn, bk // 8), 32) if wgmma_fmt else ((bn, bk), 4)
+
     release = 1 if cfg.scale_in_dequant else 0
     specs = [
         plgpu.BlockSpec(
@@ -302,10 +392,30 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, o_smem, *a_smem, g, bm, step
             max_concurrent_steps=depth,
             init_carry=plgpu.layout_cast(jnp.zeros((bn, bm), jnp.float32), plgpu.Layout.WGMMA),
         )(w_gmem, x_gmem, s_gmem, z_gmem)
-    o_smem[...] = acc
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[ki, pl.ds(ni * bn, bn), pl.ds(mi * bm, bm)])
-    plgpu.wait_smem_to_gmem(0)
+    if not cfg.cluster_reduce:
+        o_smem[...] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[ki, pl.ds(ni * bn, bn), pl.ds(mi * bm, bm)])
+        plgpu.wait_smem_to_gmem(0)
+        return
+    out = o_gmem.at[:, pl.ds(ni * bn, bn)]
+    if cfg.split_k == 1:
+        _store_transposed(acc.astype(dtype), out, m)
+        return
+
+    @pl.when(ki != 0)
+    def _send():  # into the leader's shared memory (st.shared::cluster)
+        _store_to_leader(acc, red_smem.at[ki - 1])
+
+    _cluster_sync()
+
+    @pl.when(ki == 0)
+    def _finish():
+        total = acc
+        for j in range(cfg.split_k - 1):
+            layout = plgpu.Layout.WGMMA
+            total = total + plgpu.load(red_smem.at[j], layout=layout, optimized=False)
+        _store_transposed(total.astype(dtype), out, m)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
@@ -331,18 +441,35 @@ def int4_matmul_mosaic(
     g, bn = w.group_size, cfg.block_n
     steps = k // (cfg.split_k * cfg.block_k)
     depth = pipeline_depth(bm, g, cfg, steps)
+    body = functools.partial(_kernel, g=g, bm=bm, m=m, steps=steps, depth=depth, cfg=cfg)
+    interpret_params = plgpu.InterpretGPUParams() if interpret else None
+    x = x_mk if m <= 8 or m % 8 == 0 else jnp.pad(x_mk, ((0, -m % 8), (0, 0)))
+    if cfg.cluster_reduce:
+        scratch = []
+        if cfg.split_k > 1:  # the leader's slots for the other CTAs' accumulators
+            scratch.append(plgpu.SMEM((cfg.split_k - 1, bn, bm), jnp.float32))
+        kernel = plgpu.kernel(
+            body,
+            out_type=jax.ShapeDtypeStruct((m, w.n), x_mk.dtype),
+            grid=(w.n // bn, 1),
+            grid_names=("n", "m"),
+            cluster=(cfg.split_k,),
+            cluster_names=("k",),
+            scratch_types=scratch,
+            interpret=interpret_params,
+        )
+        return kernel(x, w.q_packed, w.scales_gn, w.zeros_gn)
     scratch = [plgpu.SMEM((bn, bm), jnp.float32)]
     if cfg.a_in_smem:
         a_tiling = _tiled(_swizzle(min(g, 64) * 2), 16)
         scratch.append(plgpu.SMEM((bn, g), x_mk.dtype, transforms=a_tiling))
     kernel = plgpu.kernel(
-        functools.partial(_kernel, g=g, bm=bm, steps=steps, depth=depth, cfg=cfg),
+        body,
         out_type=jax.ShapeDtypeStruct((cfg.split_k, w.n, m_pad), jnp.float32),
         grid=(w.n // bn, cfg.split_k, m_pad // bm),
         grid_names=("n", "k", "m"),
         scratch_types=scratch,
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        interpret=interpret_params,
     )
-    x = x_mk if m <= 8 or m % 8 == 0 else jnp.pad(x_mk, ((0, -m % 8), (0, 0)))
     part = kernel(x, w.q_packed, w.scales_gn, w.zeros_gn)  # [split_k, N, m_pad] f32
     return part.sum(axis=0)[:, :m].T.astype(x_mk.dtype)

@@ -102,21 +102,30 @@ def triton_config(
 def mosaic_config(
     device_kind: str, m: int, k: int, n: int, group_size: int
 ) -> pallas_mosaic_gpu.Config:
-    """Heuristic Mosaic GPU config, from the H100 sweeps (docs/kernels.md, runs 8, 9, 12).
+    """Heuristic Mosaic GPU config, from the H100 sweeps (docs/kernels.md, runs 8-15).
 
     64 weight rows per CTA everywhere (128 was 10-20% slower at M <= 16 and spills at
-    M >= 128); ~1024 K rows per CTA up to 16 tokens (hundreds of CTAs for 132 SMs),
-    2048 with 128-row steps up to 64 tokens (halves the x re-reads per CTA), the whole
-    K above that.
+    M >= 128); K steps of 256 rows up to 16 tokens, 128 up to 64 (halves the x tile),
+    256 above. How K is split depends on the number of 64-row tiles T = N / 64 (run 15):
+
+    * T >= 100: the in-kernel epilogue (``cluster_reduce``), no XLA pass after the
+      kernel. Clusters of 2 CTAs along K for 100 <= T < 200 and, up to 16 tokens, for
+      T >= 400; one CTA per row tile (the whole K) for 200 <= T < 400, and above 16
+      tokens for T >= 400. Larger clusters were slower everywhere (co-scheduling).
+    * T < 100 (N = 4096): too few row tiles to fill 132 SMs; ~1024 K rows per CTA up to
+      16 tokens, 2048 up to 64, the whole K above, f32 partials summed by XLA.
     """
-    del device_kind, n
-    if m <= 16:
-        block_k, rows = 256, 1024
-    elif m <= 64:
-        block_k, rows = 128, 2048
-    else:
-        block_k, rows = 256, k
+    del device_kind
+    block_k = 256 if m <= 16 or m > 64 else 128
     block_k = max(block_k, group_size)
+    tiles = n // 64
+    if tiles >= 100 and m <= pallas_mosaic_gpu.DEFAULT_MAX_BLOCK_M:  # one M tile
+        split_k = 2 if tiles < 200 or (tiles >= 400 and m <= 16) else 1
+        if k % (split_k * block_k) == 0:
+            return pallas_mosaic_gpu.Config(
+                block_n=64, block_k=block_k, split_k=split_k, cluster_reduce=True
+            )
+    rows = 1024 if m <= 16 else 2048 if m <= 64 else k
     split_k = max(1, k // rows)
     while split_k > 1 and k % (split_k * block_k):
         split_k -= 1

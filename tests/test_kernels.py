@@ -205,10 +205,15 @@ class TestMosaicInterpret(_Int4MatmulCases):
         """The register-operand kernel (the one the GPU runs) lowers to Mosaic GPU on any host."""
         w, _ = random_weight(np.random.default_rng(2), 1024, 256, 128, fmt="s4")
         x = jax.ShapeDtypeStruct((16, 1024), jnp.bfloat16)
-        cfg = pallas_mosaic_gpu.Config(block_n=128, block_k=256, split_k=2)
-        fn = jax.jit(lambda x, w: pallas_mosaic_gpu.int4_matmul_mosaic(x, w, config=cfg))
-        text = fn.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
-        assert "mosaic_gpu" in text
+        for cfg in (
+            pallas_mosaic_gpu.Config(block_n=128, block_k=256, split_k=2),
+            pallas_mosaic_gpu.Config(block_n=64, block_k=256, split_k=4, cluster_reduce=True),
+        ):
+            fn = jax.jit(
+                lambda x, w, cfg=cfg: pallas_mosaic_gpu.int4_matmul_mosaic(x, w, config=cfg)
+            )
+            text = fn.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+            assert "mosaic_gpu" in text
 
     def test_unsupported_raises(self) -> None:
         rng = np.random.default_rng(0)
@@ -247,6 +252,18 @@ class TestGpu(_Int4MatmulCases):
         ("mosaic", "s4", pallas_mosaic_gpu.Config(block_n=64, block_k=128, a_in_smem=True)),
         ("mosaic", "u4_wgmma", None),
         ("mosaic", "u4_wgmma", pallas_mosaic_gpu.Config(block_n=128, scale_in_dequant=True)),
+        # the in-kernel epilogue: one CTA per row tile, and a cluster of 4 / 2 along K
+        ("mosaic", "u4_wgmma", pallas_mosaic_gpu.Config(block_n=64, cluster_reduce=True)),
+        (
+            "mosaic",
+            "u4_wgmma",
+            pallas_mosaic_gpu.Config(block_n=64, split_k=4, cluster_reduce=True),
+        ),
+        (
+            "mosaic",
+            "s4",
+            pallas_mosaic_gpu.Config(block_n=64, block_k=128, split_k=2, cluster_reduce=True),
+        ),
         (None, "u4_split", None),
         (None, "s4", None),
     ]
@@ -363,3 +380,15 @@ class TestLayoutAndApi:
         w, _ = random_weight(np.random.default_rng(0), 64, 16, 32)
         with pytest.raises(ValueError, match="implementation"):
             int4_matmul(jnp.ones((1, 64), jnp.bfloat16), w, implementation="cuda")
+
+    @pytest.mark.parametrize("m", [1, 3, 16, 17, 64, 100, 128])
+    def test_mosaic_heuristic_configs_are_supported(self, m: int) -> None:
+        """Dispatch's Mosaic config runs on every Llama-3 8B / 70B layer shape up to the
+        largest M it is used for (an unsupported one would silently fall back to XLA)."""
+        from pallas_kernels import bench, tuning
+
+        for k, n in bench.SHAPES["8b"] + bench.SHAPES["70b"]:
+            cfg = tuning.mosaic_config("NVIDIA H100 80GB HBM3", m, k, n, 128)
+            w = bench._FakeW(k, n, 128, fmt="u4_wgmma")
+            pallas_mosaic_gpu.check_supported(m, w, jnp.bfloat16, cfg)
+            assert cfg.cluster_reduce == (n >= 6400)  # >= 100 row tiles of 64
