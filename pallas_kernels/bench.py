@@ -283,11 +283,15 @@ def mosaic_sweep_configs(
     for split in splits:
         if k % split == 0:
             cands.append((k // split, c(block_n=64, block_k=bk, cluster_reduce=True)))
-    cands += [
-        (1024, c(block_n=64, block_k=bk, cluster_reduce=True, x_resident=True)),
-        (1024, c(block_n=64, block_k=512, cluster_reduce=True)),
-        (1024, c(block_n=64, block_k=bk, cluster_reduce=True, max_concurrent_steps=6)),
-    ]
+    for split in (1, 2):  # around dispatch's choice: row tiles, steps, depth
+        rows = k // split
+        cands += [
+            (rows, c(block_n=128, block_k=bk, cluster_reduce=True)),
+            (rows, c(block_n=64, block_k=bk // 2, cluster_reduce=True)),
+            (rows, c(block_n=64, block_k=2 * bk, cluster_reduce=True)),
+            (rows, c(block_n=64, block_k=bk, cluster_reduce=True, max_concurrent_steps=3)),
+            (rows, c(block_n=64, block_k=bk, cluster_reduce=True, max_concurrent_steps=6)),
+        ]
     w = _FakeW(k, n, gs, fmt=format_for("mosaic", k, gs))
     cfgs = _runnable(
         cands, k, lambda cfg: pallas_mosaic_gpu.check_supported(m, w, jnp.bfloat16, cfg)

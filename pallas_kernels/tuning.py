@@ -12,6 +12,7 @@ behind each rule are in docs/kernels.md.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import pathlib
@@ -99,19 +100,48 @@ def triton_config(
     return pallas_triton.Config(block_m=64, block_n=block_n, split_k=split_k, swap=True)
 
 
+# H100 SXM: streaming multiprocessors, shared memory per SM, and CTAs of the Mosaic
+# kernel that fit on one SM by registers (95 per thread x 128 threads).
+_SMS = 132
+_SMEM_PER_SM = 228 * 1024
+_MAX_CTAS_PER_SM = 5
+
+
+def _one_wave_depth(ctas: int, m: int, group_size: int, cfg: pallas_mosaic_gpu.Config) -> int:
+    """The deepest pipeline (<= cfg's, >= 3) that lets all ``ctas`` be resident at once
+    (cfg's depth where none does).
+
+    A second wave of a few CTAs costs a whole CTA's time: 4096x28672 at M = 16 (448 CTAs,
+    4 per SM needed) took 36.8 us at depth 4 (3 CTAs per SM fit) and 28.1 us at depth 3.
+    """
+    per_sm = -(-ctas // _SMS)
+    if per_sm > _MAX_CTAS_PER_SM:
+        return cfg.max_concurrent_steps  # several waves whatever the depth
+    bm = pallas_mosaic_gpu.block_m_for(m, cfg)
+    bn, bk = cfg.block_n, cfg.block_k
+    per_step = bn * bk // 2 + bm * bk * 2 + 2 * (bk // group_size) * bn * 2
+    fixed = (cfg.split_k - 1) * bn * bm * 4 + 2048  # the leader's slots, barriers
+    for depth in range(cfg.max_concurrent_steps, 2, -1):  # depth 2 was never faster
+        if per_sm * (depth * per_step + fixed) <= _SMEM_PER_SM:
+            return depth
+    return cfg.max_concurrent_steps
+
+
 def mosaic_config(
     device_kind: str, m: int, k: int, n: int, group_size: int
 ) -> pallas_mosaic_gpu.Config:
-    """Heuristic Mosaic GPU config, from the H100 sweeps (docs/kernels.md, runs 8-15).
+    """Heuristic Mosaic GPU config, from the H100 sweeps (docs/kernels.md, runs 8-20).
 
     64 weight rows per CTA everywhere (128 was 10-20% slower at M <= 16 and spills at
     M >= 128); K steps of 256 rows up to 16 tokens, 128 up to 64 (halves the x tile),
-    256 above. How K is split depends on the number of 64-row tiles T = N / 64 (run 15):
+    256 above. How K is split depends on the number of 64-row tiles T = N / 64:
 
     * T >= 100: the in-kernel epilogue (``cluster_reduce``), no XLA pass after the
-      kernel. Clusters of 2 CTAs along K for 100 <= T < 200 and, up to 16 tokens, for
-      T >= 400; one CTA per row tile (the whole K) for 200 <= T < 400, and above 16
-      tokens for T >= 400. Larger clusters were slower everywhere (co-scheduling).
+      kernel. One CTA per row tile for K = 4096; clusters of 2 along K (~4096 K rows per
+      CTA) for K >= 8192 where T < 200 or M <= 16 (8192x57344 at M = 64 / 128: 1.88x /
+      0.97x with clusters of 2, 2.00x / 1.28x without); larger clusters were slower
+      everywhere (co-scheduling). The pipeline depth is cut so that all CTAs are
+      resident at once where that is possible (``_one_wave_depth``).
     * T < 100 (N = 4096): too few row tiles to fill 132 SMs; ~1024 K rows per CTA up to
       16 tokens, 2048 up to 64, the whole K above, f32 partials summed by XLA.
     """
@@ -120,11 +150,13 @@ def mosaic_config(
     block_k = max(block_k, group_size)
     tiles = n // 64
     if tiles >= 100 and m <= pallas_mosaic_gpu.DEFAULT_MAX_BLOCK_M:  # one M tile
-        split_k = 2 if tiles < 200 or (tiles >= 400 and m <= 16) else 1
+        split_k = 2 if k >= 8192 and (tiles < 200 or m <= 16) else 1
         if k % (split_k * block_k) == 0:
-            return pallas_mosaic_gpu.Config(
+            cfg = pallas_mosaic_gpu.Config(
                 block_n=64, block_k=block_k, split_k=split_k, cluster_reduce=True
             )
+            depth = _one_wave_depth(tiles * split_k, m, group_size, cfg)
+            return dataclasses.replace(cfg, max_concurrent_steps=depth)
     rows = 1024 if m <= 16 else 2048 if m <= 64 else k
     split_k = max(1, k // rows)
     while split_k > 1 and k % (split_k * block_k):
