@@ -78,12 +78,12 @@ class Config:
     max_concurrent_steps: pipeline depth (TMA copies in flight per CTA).
     a_in_smem: stage the dequantized tile in shared memory (see the module docstring).
     x_resident: copy the CTA's whole ``[block_m, K / split_k]`` x slice once (the pipeline
-      sees an index-invariant block) instead of one ``[block_m, block_k]`` tile per step:
-      a quarter to a third fewer TMA bytes per step at decode.
+      sees an index-invariant block) instead of one ``[block_m, block_k]`` tile per step
+      (fewer TMA copies; measured slower, run 15).
     cluster_reduce: finish inside the kernel, no XLA epilogue: the ``split_k`` CTAs of a
-      row tile form a thread-block cluster, the others ``st.async`` their f32
-      accumulators into the leader's shared memory, and the leader adds them and writes
-      its ``[M, block_n]`` slice of the output in x.dtype (needs a single M tile).
+      row tile form a thread-block cluster, the others store their f32 accumulators
+      into the leader's shared memory, and the leader adds them and writes its
+      ``[M, block_n]`` slice of the output in x.dtype (needs a single M tile).
     """
 
     block_n: int = 128
@@ -250,6 +250,7 @@ def _store_to_leader(val, ref):
     @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
     def store(_, val, ref):
         leader = arith.constant(ir.IndexType.get(), 0)
+        # The kernel's only cluster axis ("k") is the CUDA cluster's x dimension.
         remote = mgpu_utils.get_cluster_ref(ref, gpu.Dimension.x, leader, generic=False)
         val.foreach(lambda v, idx: memref.store(v, remote, list(idx)))
 
