@@ -169,4 +169,5 @@ def test_bench_needs_a_gpu() -> None:
 
     if jax.default_backend() == "gpu":
         pytest.skip("a GPU is present")
-    assert_user_error(awq_jax("bench", "generate", "--quick", timeout=120), "GPU")
+    for what in ("generate", "profile"):
+        assert_user_error(awq_jax("bench", what, "--quick", timeout=120), "GPU")
