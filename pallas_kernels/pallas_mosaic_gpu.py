@@ -119,8 +119,7 @@ def block_m_for(m: int, cfg: Config) -> int:
     return 8 if m <= 8 else min(DEFAULT_MAX_BLOCK_M, -(-m // 16) * 16)
 
 
-def pipeline_depth(bm: int, g: int, cfg: Config, steps: int) -> int:
-    """``max_concurrent_steps`` cut to what fits in :data:`SMEM_BUDGET` (at least 1)."""
+def _smem_per_step_and_fixed(bm: int, g: int, cfg: Config, steps: int) -> tuple[int, int]:
     bn, bk = cfg.block_n, cfg.block_k
     per_step = bn * bk // 2 + 2 * (bk // g) * bn * 2
     x_bytes = bm * bk * 2 * (steps if cfg.x_resident else 1)
@@ -128,6 +127,18 @@ def pipeline_depth(bm: int, g: int, cfg: Config, steps: int) -> int:
     out_tiles = cfg.split_k - 1 if cfg.cluster_reduce else 1
     fixed = out_tiles * bn * bm * 4 + (bn * g * 2 if cfg.a_in_smem else 0)
     fixed += x_bytes * cfg.max_concurrent_steps if cfg.x_resident else 0
+    return per_step, fixed
+
+
+def smem_bytes(bm: int, g: int, cfg: Config, steps: int, depth: int) -> int:
+    """Shared memory of one CTA whose pipeline is ``depth`` steps deep (buffers only)."""
+    per_step, fixed = _smem_per_step_and_fixed(bm, g, cfg, steps)
+    return depth * per_step + fixed
+
+
+def pipeline_depth(bm: int, g: int, cfg: Config, steps: int) -> int:
+    """``max_concurrent_steps`` cut to what fits in :data:`SMEM_BUDGET` (at least 1)."""
+    per_step, fixed = _smem_per_step_and_fixed(bm, g, cfg, steps)
     fits = max(1, (SMEM_BUDGET - fixed) // per_step)
     return max(1, min(cfg.max_concurrent_steps, steps, fits))
 

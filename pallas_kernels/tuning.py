@@ -105,9 +105,13 @@ def triton_config(
 _SMS = 132
 _SMEM_PER_SM = 228 * 1024
 _MAX_CTAS_PER_SM = 5
+# Barriers and alignment on top of a CTA's buffers (a margin, not measured).
+_SMEM_PER_CTA_EXTRA = 2048
 
 
-def _one_wave_depth(ctas: int, m: int, group_size: int, cfg: pallas_mosaic_gpu.Config) -> int:
+def _one_wave_depth(
+    ctas: int, m: int, k: int, group_size: int, cfg: pallas_mosaic_gpu.Config
+) -> int:
     """The deepest pipeline (<= cfg's, >= 3) that lets all ``ctas`` be resident at once
     (cfg's depth where none does).
 
@@ -118,11 +122,10 @@ def _one_wave_depth(ctas: int, m: int, group_size: int, cfg: pallas_mosaic_gpu.C
     if per_sm > _MAX_CTAS_PER_SM:
         return cfg.max_concurrent_steps  # several waves whatever the depth
     bm = pallas_mosaic_gpu.block_m_for(m, cfg)
-    bn, bk = cfg.block_n, cfg.block_k
-    per_step = bn * bk // 2 + bm * bk * 2 + 2 * (bk // group_size) * bn * 2
-    fixed = (cfg.split_k - 1) * bn * bm * 4 + 2048  # the leader's slots, barriers
+    steps = k // (cfg.split_k * cfg.block_k)
     for depth in range(cfg.max_concurrent_steps, 2, -1):  # depth 2 was never faster
-        if per_sm * (depth * per_step + fixed) <= _SMEM_PER_SM:
+        smem = pallas_mosaic_gpu.smem_bytes(bm, group_size, cfg, steps, depth)
+        if per_sm * (smem + _SMEM_PER_CTA_EXTRA) <= _SMEM_PER_SM:
             return depth
     return cfg.max_concurrent_steps
 
@@ -155,7 +158,7 @@ def mosaic_config(
             cfg = pallas_mosaic_gpu.Config(
                 block_n=64, block_k=block_k, split_k=split_k, cluster_reduce=True
             )
-            depth = _one_wave_depth(tiles * split_k, m, group_size, cfg)
+            depth = _one_wave_depth(tiles * split_k, m, k, group_size, cfg)
             return dataclasses.replace(cfg, max_concurrent_steps=depth)
     rows = 1024 if m <= 16 else 2048 if m <= 64 else k
     split_k = max(1, k // rows)
