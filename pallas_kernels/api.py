@@ -3,7 +3,8 @@
 ``implementation=None`` picks per (device kind, M, K, N) with :func:`choose`, and falls
 back to the reference when the chosen backend raises ``NotImplementedError`` for the
 shape. The backend names are those of the benchmark records: ``"xla"`` (the reference:
-dequantize in jnp, then ``jnp.dot``), ``"triton"``, ``"mosaic"``.
+dequantize in jnp, then ``jnp.dot``), ``"triton"``, ``"mosaic"`` (Hopper, few tokens) and
+``"mosaic_ws"`` (Hopper, many tokens: the warp-specialized GEMM).
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import dataclasses
 
 import jax
 
-from pallas_kernels import pallas_mosaic_gpu, pallas_triton, tuning
+from pallas_kernels import pallas_mosaic_gpu, pallas_mosaic_gpu_ws, pallas_triton, tuning
 from pallas_kernels.layout import Int4Weight
 from pallas_kernels.reference import int4_matmul_reference
 
-IMPLEMENTATIONS = ("xla", "triton", "mosaic")
+IMPLEMENTATIONS = ("xla", "triton", "mosaic", "mosaic_ws")
 
 
 def _device_kind() -> str:
@@ -37,6 +38,9 @@ def _run(impl: str, x_mk: jax.Array, w: Int4Weight) -> jax.Array:
     if impl == "mosaic":
         cfg = tuning.mosaic_config(_device_kind(), m, w.k, w.n, w.group_size)
         return pallas_mosaic_gpu.int4_matmul_mosaic(x_mk, w, config=cfg)
+    if impl == "mosaic_ws":
+        cfg = tuning.mosaic_ws_config(_device_kind(), m, w.k, w.n, w.group_size)
+        return pallas_mosaic_gpu_ws.int4_matmul_mosaic_ws(x_mk, w, config=cfg)
     raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}; got {impl!r}")
 
 
@@ -51,7 +55,7 @@ def int4_matmul(x: jax.Array, w: Int4Weight, *, implementation: str | None = Non
     Args:
       x: bf16 or f16 activations; leading dims are flattened into M.
       w: the weight from :func:`pallas_kernels.prepare_weight`.
-      implementation: None (dispatch), "xla", "triton" or "mosaic". An explicit backend
+      implementation: None (dispatch), "xla", "triton", "mosaic" or "mosaic_ws". An explicit backend
         raises ``NotImplementedError`` for shapes it does not support; None falls back
         to "xla" instead.
     """

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import api, pallas_mosaic_gpu, pallas_triton
+from pallas_kernels import api, pallas_mosaic_gpu, pallas_mosaic_gpu_ws, pallas_triton
 from pallas_kernels.layout import Int4Weight, format_for, prepare_weight
 from pallas_kernels.reference import dequantize
 
@@ -59,7 +59,7 @@ MAX_REL_ERR = 1e-2
 # Likewise xla_int4 is not timed for 16 < M <= 128 where dispatch runs Triton: the
 # acceptance compares against it at M <= 16. Both keep one device call under 10 minutes.
 MAX_TRITON_BENCH_M = 256
-_IMPL_OF = {"xla_int4": "xla", "triton": "triton", "mosaic": "mosaic"}
+_IMPL_OF = {"xla_int4": "xla", "triton": "triton", "mosaic": "mosaic", "mosaic_ws": "mosaic_ws"}
 
 
 @dataclasses.dataclass
@@ -166,6 +166,7 @@ def impl_fns(names: list[str]) -> dict:
         "xla_int4": (lambda x, w: api.int4_matmul(x, w, implementation="xla"), "u4_split"),
         "triton": (lambda x, w: api.int4_matmul(x, w, implementation="triton"), "u4_split"),
         "mosaic": (lambda x, w: api.int4_matmul(x, w, implementation="mosaic"), "mosaic"),
+        "mosaic_ws": (lambda x, w: api.int4_matmul(x, w, implementation="mosaic_ws"), "mosaic"),
         "auto": (lambda x, w: api.int4_matmul(x, w), "auto"),
     }
     return {n: table[n] for n in names}
@@ -299,6 +300,27 @@ def mosaic_sweep_configs(
     return [cfg for cfg in cfgs if cfg.split_k in splits or not cfg.cluster_reduce]
 
 
+def mosaic_ws_sweep_configs(m: int, k: int, n: int, gs: int) -> list[pallas_mosaic_gpu_ws.Config]:
+    """Warp-specialized kernel configs to time in --sweep mosaic_ws mode: weight rows per
+    consumer x tokens per CTA, the CTA order and the pipeline depth."""
+    c = pallas_mosaic_gpu_ws.Config
+    cands = [c(block_n=64, block_m=256, group_m=gm) for gm in (1, 4, 8, 16)]
+    cands += [c(block_n=128, block_m=128, group_m=gm) for gm in (1, 8)]
+    cands += [
+        c(block_n=128, block_m=128, max_concurrent_steps=2, group_m=8),
+        c(block_n=64, block_m=128, group_m=8),
+    ]
+    w = _FakeW(k, n, gs, fmt=format_for("mosaic", k, gs))
+    out = []
+    for cfg in cands:
+        try:
+            pallas_mosaic_gpu_ws.check_supported(m, w, jnp.bfloat16, cfg)
+        except NotImplementedError:
+            continue
+        out.append(cfg)
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class _FakeW:
     k: int
@@ -426,6 +448,7 @@ def main(argv: list[str] | None = None) -> None:
         "--sweep",
         default="",
         help="'triton': time a grid of Triton configs; 'mosaic': the same for Mosaic GPU; "
+        "'mosaic_ws': the warp-specialized many-token Mosaic GPU kernel; "
         "'tune': time the Triton tuning candidates and write tuned_configs.json (copy it "
         "into pallas_kernels/ and commit it)",
     )
@@ -482,6 +505,20 @@ def main(argv: list[str] | None = None) -> None:
                             ),
                             fmt,
                         )
+                fns = {**impl_fns([i for i in args.impls.split(",") if i]), **fns}
+            elif args.sweep == "mosaic_ws":
+                fmt = format_for("mosaic", k, args.group_size)
+                fns = {}
+                for cfg in mosaic_ws_sweep_configs(m, k, n, args.group_size):
+                    name = f"mosaic_ws[{fmt}]:" + ",".join(
+                        f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+                    )
+                    fns[name] = (
+                        lambda x, w, c=cfg: pallas_mosaic_gpu_ws.int4_matmul_mosaic_ws(
+                            x, w, config=c
+                        ),
+                        fmt,
+                    )
                 fns = {**impl_fns([i for i in args.impls.split(",") if i]), **fns}
             else:
                 fns = impl_fns(args.impls.split(","))

@@ -101,7 +101,7 @@ class Config:
 MAX_CLUSTER = 8
 
 
-def _swizzle(row_bytes: int) -> int:
+def swizzle_for(row_bytes: int) -> int:
     """The largest TMA swizzle (bytes) a row of ``row_bytes`` holds whole."""
     for s in (128, 64, 32):
         if row_bytes % s == 0:
@@ -109,7 +109,7 @@ def _swizzle(row_bytes: int) -> int:
     raise NotImplementedError(f"a tile row of {row_bytes} bytes is below the 32-byte swizzle")
 
 
-def _tiled(swizzle: int, bits: int) -> tuple:
+def tiled(swizzle: int, bits: int) -> tuple:
     return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
 
 
@@ -223,6 +223,26 @@ def _dequant_wgmma(words, zm, dtype):
     return convert(words, zm)
 
 
+def dequant_group(w_tile, z_ref, gi: int, g: int, dtype):
+    """Group ``gi`` of a weight tile in registers as the exact ``q - z`` in ``dtype``,
+    ``[rows, g]`` in the WGMMA layout. ``w_tile``: ``u4_wgmma`` words (WGMMA_8BIT
+    layout) or ``s4`` codes; ``z_ref``: the tile rows' zero points of that group.
+    """
+    row = plgpu.Layout.WGMMA.reduce(1)
+    if w_tile.dtype == jnp.uint32:
+        zm = plgpu.load(z_ref, layout=row).astype(jnp.float32)
+        zm = (zm + _MAGIC[jnp.dtype(dtype)][1]).astype(dtype)
+        chunks = []
+        for ch in range(g // WGMMA_CHUNK):
+            c0 = (gi * g + ch * WGMMA_CHUNK) // 8
+            words = w_tile[:, c0 : c0 + WGMMA_CHUNK // 8]  # [rows, 16] uint32
+            chunks.append(_dequant_wgmma(words, zm, dtype))
+        return chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks, axis=1)
+    zc = plgpu.load(z_ref, layout=row).astype(jnp.float32) - 8.0
+    wq = w_tile[:, gi * g : (gi + 1) * g].astype(dtype)
+    return wq - lax.broadcast_in_dim(zc.astype(dtype), wq.shape, [0])  # q - z, exact
+
+
 def _store_transposed(val, o_ref, m: int):
     """``o_ref[t, r] = val[r, t]`` for the tokens ``t < m``: val ``[bn, bm]`` (WGMMA
     layout, x.dtype) -> o_ref ``[m, bn]`` in global memory, one predicated store per
@@ -297,7 +317,7 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, *scratch, g, bm, m, steps, d
         a_smem = ()
     else:
         o_smem, *a_smem = scratch
-    x_swizzle = _swizzle(min(g, 64) * 2)  # an x slice per wgmma = one swizzle row
+    x_swizzle = swizzle_for(min(g, 64) * 2)  # an x slice per wgmma = one swizzle row
     x_elems = x_swizzle // 2
     row = plgpu.Layout.WGMMA.reduce(1)  # one value per accumulator row (weight row)
 
@@ -309,21 +329,6 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, *scratch, g, bm, m, steps, d
             return plgpu.load(w_smem, layout=plgpu.Layout.WGMMA_8BIT)
         return w_smem[...]
 
-    def dequant(w_tile, z_smem, gi):
-        """Group gi of the step's weight tile as exact ``q - z`` in x.dtype, [bn, g]."""
-        if wgmma_fmt:
-            zm = plgpu.load(z_smem.at[gi], layout=row).astype(jnp.float32)
-            zm = (zm + _MAGIC[jnp.dtype(dtype)][1]).astype(dtype)
-            chunks = []
-            for ch in range(g // WGMMA_CHUNK):
-                c0 = (gi * g + ch * WGMMA_CHUNK) // 8
-                words = w_tile[:, c0 : c0 + WGMMA_CHUNK // 8]  # [bn, 16] uint32
-                chunks.append(_dequant_wgmma(words, zm, dtype))
-            return chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks, axis=1)
-        zc = plgpu.load(z_smem.at[gi], layout=row).astype(jnp.float32) - 8.0
-        wq = w_tile[:, gi * g : (gi + 1) * g].astype(dtype)
-        return wq - lax.broadcast_in_dim(zc.astype(dtype), wq.shape, [0])  # q - z, exact
-
     def x_cols(idx, start, size):
         """The x columns of this step's ``[start, start + size)`` in the x block."""
         if cfg.x_resident:
@@ -333,7 +338,7 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, *scratch, g, bm, m, steps, d
     def body(idx, w_smem, x_smem, s_smem, z_smem, acc):
         w_tile = load_w(w_smem)
         for gi in range(bk // g):
-            wq = dequant(w_tile, z_smem, gi)
+            wq = dequant_group(w_tile, z_smem.at[gi], gi, g, dtype)
             if cfg.a_in_smem:
                 a_smem[0][...] = wq
                 plgpu.commit_smem()
@@ -355,7 +360,7 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, *scratch, g, bm, m, steps, d
         w_tile = load_w(w_smem)
         for gi in range(bk // g):
             s = plgpu.load(s_smem.at[gi], layout=row).astype(dtype)
-            wq = dequant(w_tile, z_smem, gi)
+            wq = dequant_group(w_tile, z_smem.at[gi], gi, g, dtype)
             wq = wq * lax.broadcast_in_dim(s, wq.shape, [0])  # (q - z) * s in x.dtype
             for j in range(g // x_elems):
                 cols = slice(j * x_elems, (j + 1) * x_elems)
@@ -364,7 +369,7 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, *scratch, g, bm, m, steps, d
             plgpu.wgmma_wait(1)  # the previous chain is done: its registers are free
 
     k0 = ki * steps
-    w_swizzle = _swizzle(bk // 2)
+    w_swizzle = swizzle_for(bk // 2)
     w_block, w_bits = ((bn, bk // 8), 32) if wgmma_fmt else ((bn, bk), 4)
 
     release = 1 if cfg.scale_in_dequant else 0
@@ -372,13 +377,13 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, *scratch, g, bm, m, steps, d
         plgpu.BlockSpec(
             w_block,
             lambda i: (ni, k0 + i),
-            transforms=_tiled(w_swizzle, w_bits),
+            transforms=tiled(w_swizzle, w_bits),
             delay_release=release,
         ),
         plgpu.BlockSpec(
             (bm, bk * steps) if cfg.x_resident else (bm, bk),
             (lambda i: (mi, ki)) if cfg.x_resident else (lambda i: (mi, k0 + i)),
-            transforms=_tiled(x_swizzle, 16),
+            transforms=tiled(x_swizzle, 16),
             delay_release=release,
         ),
         plgpu.BlockSpec((bk // g, bn), lambda i: (k0 + i, ni), delay_release=release),
@@ -473,7 +478,7 @@ def int4_matmul_mosaic(
         return kernel(x, w.q_packed, w.scales_gn, w.zeros_gn)
     scratch = [plgpu.SMEM((bn, bm), jnp.float32)]
     if cfg.a_in_smem:
-        a_tiling = _tiled(_swizzle(min(g, 64) * 2), 16)
+        a_tiling = tiled(swizzle_for(min(g, 64) * 2), 16)
         scratch.append(plgpu.SMEM((bn, g), x_mk.dtype, transforms=a_tiling))
     kernel = plgpu.kernel(
         body,

@@ -1,8 +1,9 @@
 """Which backend and which block sizes, per (device kind, M, K, N, group size, format).
 
 The weight's format (layout.py) follows the device: Hopper GPUs get the Mosaic GPU
-kernel's formats (``u4_wgmma``/``s4``) and run it up to ``_MAX_MOSAIC_M`` tokens with a
-heuristic config fitted to the H100 sweeps; other NVIDIA GPUs get ``u4_split`` and the
+kernels' formats (``u4_wgmma``/``s4``) and run the decode kernel up to ``_MAX_MOSAIC_M``
+tokens and the warp-specialized GEMM above, with heuristic configs fitted to the H100
+sweeps; other NVIDIA GPUs get ``u4_split`` and the
 Triton kernel, whose configs come from a tuned table (``tuned_configs.json``, written by
 ``python -m pallas_kernels.bench --sweep tune`` on the device and committed) per device
 kind, layer shape and bucket of M, or a heuristic. Above those M, and on anything that is
@@ -17,7 +18,7 @@ import functools
 import json
 import pathlib
 
-from pallas_kernels import pallas_mosaic_gpu, pallas_triton
+from pallas_kernels import pallas_mosaic_gpu, pallas_mosaic_gpu_ws, pallas_triton
 from pallas_kernels.layout import is_hopper
 
 TABLE_PATH = pathlib.Path(__file__).with_name("tuned_configs.json")
@@ -25,8 +26,9 @@ TABLE_PATH = pathlib.Path(__file__).with_name("tuned_configs.json")
 # Above this many tokens the Triton kernel (mma.sync on padded tiles) loses to
 # dequantize-then-cuBLAS: measured 3x slower than bf16 at M=1024, xla ~0.6x.
 _MAX_TRITON_M = 128
-# Above this many tokens the Mosaic kernel loses to dequantize-then-cuBLAS: measured
-# 1.6x bf16 at M=64, 0.92x at 128 and 0.55x at 256 (runs 8-9).
+# Above this many tokens the decode Mosaic kernel (one warpgroup per CTA) hands over to
+# the warp-specialized GEMM (``mosaic_ws``): measured 1.6x bf16 at M=64, 0.92x at 128 and
+# 0.55x at 256 (runs 8-9); mosaic_ws 0.62-1.02x at 256, 0.89-1.01x at 1024 (run 23).
 _MAX_MOSAIC_M = 128
 # Weights at least this large (K * N) get the inline-PTX dequant at M <= 16.
 _ASM_MIN_KN = 32 * 1024 * 1024
@@ -60,7 +62,9 @@ def choose_implementation(
     if not _is_gpu(device_kind):
         return "xla"
     if fmt in ("s4", "u4_wgmma"):
-        return "mosaic" if is_hopper(device_kind) and m <= _MAX_MOSAIC_M else "xla"
+        if not is_hopper(device_kind):
+            return "xla"
+        return "mosaic" if m <= _MAX_MOSAIC_M else "mosaic_ws"
     entry = _lookup(device_kind, m, k, n, group_size)
     if entry is not None:
         return entry["impl"]
@@ -165,3 +169,21 @@ def mosaic_config(
     while split_k > 1 and k % (split_k * block_k):
         split_k -= 1
     return pallas_mosaic_gpu.Config(block_n=64, block_k=block_k, split_k=split_k)
+
+
+def mosaic_ws_config(
+    device_kind: str, m: int, k: int, n: int, group_size: int
+) -> pallas_mosaic_gpu_ws.Config:
+    """Config of the warp-specialized many-token kernel (H100 sweep, docs/kernels.md run 23).
+
+    64 weight rows per consumer and 256 tokens per CTA up to 2048 tokens (best on all
+    four 8B shapes at M = 1024); 128 x 128 above (within 10% either way at M = 4096,
+    better on three of four). Up to 256 tokens, 128 tokens per CTA: twice the CTAs
+    (4096x4096 at M = 256: 25.8 us against 42.7 with 256).
+    """
+    del device_kind, k, n, group_size
+    if m <= 256:
+        return pallas_mosaic_gpu_ws.Config(block_n=64, block_m=128)
+    if m <= 2048:
+        return pallas_mosaic_gpu_ws.Config(block_n=64, block_m=256)
+    return pallas_mosaic_gpu_ws.Config(block_n=128, block_m=128)

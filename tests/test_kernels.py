@@ -23,6 +23,7 @@ from pallas_kernels import (
     int4_matmul,
     layout,
     pallas_mosaic_gpu,
+    pallas_mosaic_gpu_ws,
     pallas_triton,
     prepare_weight,
 )
@@ -215,6 +216,19 @@ class TestMosaicInterpret(_Int4MatmulCases):
             text = fn.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
             assert "mosaic_gpu" in text
 
+    def test_many_token_kernel_lowers_for_the_gpu(self) -> None:
+        """The warp-specialized kernel (3 warpgroups, transposed epilogue) lowers too."""
+        for fmt, m, cfg in (
+            ("u4_wgmma", 300, pallas_mosaic_gpu_ws.Config(group_m=2)),
+            ("s4", 40, pallas_mosaic_gpu_ws.Config(block_n=64, block_m=40)),
+        ):
+            w, _ = random_weight(np.random.default_rng(3), 1024, 512, 128, fmt=fmt)
+            x = jax.ShapeDtypeStruct((m, 1024), jnp.bfloat16)
+            fn = jax.jit(
+                lambda x, w, cfg=cfg: pallas_mosaic_gpu_ws.int4_matmul_mosaic_ws(x, w, config=cfg)
+            )
+            assert "mosaic_gpu" in fn.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+
     def test_unsupported_raises(self) -> None:
         rng = np.random.default_rng(0)
         u4, _ = random_weight(rng, 256, 64, 64, fmt="u4_split")
@@ -226,6 +240,10 @@ class TestMosaicInterpret(_Int4MatmulCases):
             pallas_mosaic_gpu.int4_matmul_mosaic(x, s4, config=pallas_mosaic_gpu.Config())
         with pytest.raises(NotImplementedError, match="u4_split"):
             pallas_triton.int4_matmul_triton(x, s4)
+        with pytest.raises(NotImplementedError, match="many tokens"):
+            pallas_mosaic_gpu_ws.int4_matmul_mosaic_ws(x, s4)
+        with pytest.raises(NotImplementedError, match="block_n"):
+            pallas_mosaic_gpu_ws.int4_matmul_mosaic_ws(jnp.ones((64, 256), jnp.bfloat16), s4)
         cfg = pallas_mosaic_gpu.Config(block_n=64, block_k=128)
         with pytest.raises(NotImplementedError, match="a_in_smem"):
             pallas_mosaic_gpu.int4_matmul_mosaic(
@@ -285,6 +303,40 @@ class TestGpu(_Int4MatmulCases):
             return jax.jit(fn)(x, w)
         except NotImplementedError as e:
             pytest.skip(f"{self._impl} does not support this shape: {e}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+class TestGpuManyTokens(_Int4MatmulCases):
+    """The warp-specialized many-token kernel (``mosaic_ws``) on the GPU: M not a
+    multiple of the token tile, several tiles along M and N, both Mosaic formats."""
+
+    SHAPES: ClassVar = [
+        (129, 1024, 512, 128),
+        (256, 2048, 1024, 128),
+        (1000, 4096, 512, 128),
+        (40, 512, 256, 64),
+    ]
+    VARIANTS: ClassVar = [
+        ("u4_wgmma", pallas_mosaic_gpu_ws.Config()),
+        ("u4_wgmma", pallas_mosaic_gpu_ws.Config(block_n=64, block_m=256, group_m=3)),
+        ("s4", pallas_mosaic_gpu_ws.Config(block_n=64, block_m=64)),
+        ("s4", pallas_mosaic_gpu_ws.Config(block_n=128, block_m=40, block_k=256)),
+    ]
+
+    @pytest.fixture(params=range(len(VARIANTS)))
+    def variant(self, request):
+        return self.VARIANTS[request.param]
+
+    @pytest.fixture(autouse=True)
+    def _bind(self, variant):
+        self.FMT, self._cfg = variant
+
+    def matmul(self, x, w):
+        try:
+            return pallas_mosaic_gpu_ws.int4_matmul_mosaic_ws(x, w, config=self._cfg)
+        except NotImplementedError as e:
+            pytest.skip(f"mosaic_ws does not support this shape: {e}")
 
 
 class TestLayoutAndApi:
@@ -392,3 +444,18 @@ class TestLayoutAndApi:
             w = bench._FakeW(k, n, 128, fmt="u4_wgmma")
             pallas_mosaic_gpu.check_supported(m, w, jnp.bfloat16, cfg)
             assert cfg.cluster_reduce == (n >= 6400)  # >= 100 row tiles of 64
+
+    @pytest.mark.parametrize("m", [129, 256, 1000, 2048, 4096, 16384])
+    def test_many_token_dispatch(self, m: int) -> None:
+        """Above 128 tokens a Hopper GPU runs the warp-specialized kernel, with a config
+        it supports on every Llama-3 8B / 70B layer; other devices keep their paths."""
+        from pallas_kernels import bench, tuning
+
+        h100 = "NVIDIA H100 80GB HBM3"
+        for k, n in bench.SHAPES["8b"] + bench.SHAPES["70b"]:
+            assert tuning.choose_implementation(h100, m, k, n, 128, "u4_wgmma") == "mosaic_ws"
+            assert tuning.choose_implementation(h100, 128, k, n, 128, "u4_wgmma") == "mosaic"
+            assert tuning.choose_implementation("cpu", m, k, n, 128, "u4_wgmma") == "xla"
+            cfg = tuning.mosaic_ws_config(h100, m, k, n, 128)
+            w = bench._FakeW(k, n, 128, fmt="u4_wgmma")
+            pallas_mosaic_gpu_ws.check_supported(m, w, jnp.bfloat16, cfg)
