@@ -174,16 +174,16 @@ def mosaic_config(
 def mosaic_ws_config(
     device_kind: str, m: int, k: int, n: int, group_size: int
 ) -> pallas_mosaic_gpu_ws.Config:
-    """Config of the warp-specialized many-token kernel (H100 sweep, docs/kernels.md run 23).
+    """Config of the warp-specialized many-token kernel (H100 sweeps, docs/kernels.md
+    runs 23 and 25).
 
-    64 weight rows per consumer and 256 tokens per CTA up to 2048 tokens (best on all
-    four 8B shapes at M = 1024); 128 x 128 above (within 10% either way at M = 4096,
-    better on three of four). Up to 256 tokens, 128 tokens per CTA: twice the CTAs
-    (4096x4096 at M = 256: 25.8 us against 42.7 with 256).
+    64 weight rows per consumer and 256 tokens per CTA (best on all 8B shapes at M = 1024
+    and 4096; 128 x 128 was 3-10% slower), CTAs in groups of 8 token tiles per weight
+    tile (4096x28672 at M = 1024: 313.5 us against 336.2 going along N first). Up to
+    256 tokens, 128 tokens per CTA: twice the CTAs (4096x4096 at M = 256: 25.8 us
+    against 42.7 with 256).
     """
     del device_kind, k, n, group_size
     if m <= 256:
         return pallas_mosaic_gpu_ws.Config(block_n=64, block_m=128)
-    if m <= 2048:
-        return pallas_mosaic_gpu_ws.Config(block_n=64, block_m=256)
-    return pallas_mosaic_gpu_ws.Config(block_n=128, block_m=128)
+    return pallas_mosaic_gpu_ws.Config(block_n=64, block_m=256, group_m=8)
