@@ -17,8 +17,13 @@ codes, group scales and the ``[M, N]`` output):
   operand (transposed view), one f32 accumulator ``[block_n, block_m]`` per consumer
   over the whole K range.
 * The epilogue transposes through shared memory (``stmatrix.trans`` into a
-  ``[block_m, block_n]`` tile) and one TMA store writes that tile of the ``[M, N]``
-  output in x.dtype; TMA skips the rows past M and zero-fills x's.
+  ``[64, block_n]`` piece at a time) and TMA stores write the ``[M, N]`` output in
+  x.dtype; TMA skips the rows past M and zero-fills x's.
+* Split-K (``split_k > 1``) where the output tiles alone leave SMs idle (N = 4096 at a
+  few hundred tokens: 32 weight tiles): each CTA reduces a K slice into an f32 partial
+  ``[N, M]`` and one XLA fusion adds them.
+* CTAs in groups of ``group_m`` token tiles per weight tile (``_tile_of``), so that a
+  wave of CTAs shares a few weight and token slices in L2.
 """
 
 from __future__ import annotations
@@ -57,6 +62,9 @@ class Config:
     group_m: CTA order: consecutive CTAs take ``group_m`` token tiles for each weight
       tile before moving along N (1: along N first), so that a wave of CTAs shares a
       few weight and token slices in L2.
+    split_k: CTAs along K per output tile, for layers with too few tiles to fill the
+      GPU (N = 4096 at a few hundred tokens); each writes an f32 partial ``[N, M]`` and
+      XLA adds them.
     """
 
     block_n: int = 128
@@ -64,13 +72,15 @@ class Config:
     block_k: int = 128
     max_concurrent_steps: int = 4
     group_m: int = 1
+    split_k: int = 1
 
 
 def smem_bytes(cfg: Config, g: int, depth: int, dtype_bytes: int = 2) -> int:
     rows = _CONSUMERS * cfg.block_n
     per_step = rows * cfg.block_k // 2 + cfg.block_m * cfg.block_k * dtype_bytes
     per_step += 2 * (cfg.block_k // g) * rows * 2
-    out = _CONSUMERS * min(cfg.block_m, _EPI_M) * cfg.block_n * dtype_bytes
+    out_bytes = 4 if cfg.split_k > 1 else dtype_bytes
+    out = _CONSUMERS * min(cfg.block_m, _EPI_M) * cfg.block_n * out_bytes
     return depth * per_step + out
 
 
@@ -91,10 +101,10 @@ def check_supported(m: int, w: Int4Weight, dtype: jnp.dtype, cfg: Config) -> Non
         problems.append(f"u4_wgmma needs block_k a multiple of {WGMMA_CHUNK}")
     if dtype not in (jnp.bfloat16, jnp.float16):
         problems.append(f"activations must be bf16 or f16, got {dtype}")
-    if g % 64 or cfg.block_k % g or w.k % cfg.block_k:
+    if g % 64 or cfg.block_k % g or w.k % (cfg.split_k * cfg.block_k):
         problems.append(
-            f"group_size={g} must be a multiple of 64 dividing block_k={cfg.block_k}, "
-            f"which must divide K={w.k}"
+            f"group_size={g} must be a multiple of 64 dividing block_k={cfg.block_k}, and "
+            f"K={w.k} must split into {cfg.split_k} x steps of block_k"
         )
     if cfg.block_n % 64 or w.n % (_CONSUMERS * cfg.block_n):
         problems.append(
@@ -105,8 +115,6 @@ def check_supported(m: int, w: Int4Weight, dtype: jnp.dtype, cfg: Config) -> Non
         problems.append(f"block_m={cfg.block_m} must be a multiple of {_EPI_M} or of 8 below it")
     if cfg.block_m > 256:
         problems.append(f"block_m={cfg.block_m} must be at most 256 (wgmma N)")
-    if m < 8:
-        problems.append(f"M={m}: this kernel is for many tokens (use pallas_mosaic_gpu)")
     if problems:
         raise NotImplementedError("; ".join(problems))
 
@@ -125,7 +133,10 @@ def _kernel(
 ):
     bn, bm, bk = cfg.block_n, cfg.block_m, cfg.block_k
     dtype = x_gmem.dtype
-    ni, mi = _tile_of(lax.axis_index("t"), n_tiles, m_tiles, cfg.group_m)
+    t = lax.axis_index("t")
+    ki = t // (n_tiles * m_tiles)  # K slice (split-K): outermost
+    ni, mi = _tile_of(t % (n_tiles * m_tiles), n_tiles, m_tiles, cfg.group_m)
+    k0 = ki * steps
     row = plgpu.Layout.WGMMA.reduce(1)
     wgmma_fmt = w_gmem.dtype == jnp.uint32
     x_elems = 64  # x columns per wgmma: one 128-byte swizzle row
@@ -135,16 +146,22 @@ def _kernel(
 
         def scope(acc_ref):
             eval_pipeline(acc_ref)
-            out = acc_ref[...].astype(dtype)  # [bn, bm]
+            acc = acc_ref[...]  # [bn, bm] f32
+            out = acc if cfg.split_k > 1 else acc.astype(dtype)
             cols = pl.ds((ni * _CONSUMERS + wg) * bn, bn)
             epi = min(bm, _EPI_M)
-            for c in range(bm // epi):  # transposed through shared memory, then TMA
+            for c in range(bm // epi):  # through shared memory, then TMA
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 tile = out[:, c * epi : (c + 1) * epi]
-                o_smem.at[wg].transpose((1, 0))[...] = tile
-                plgpu.commit_smem()
                 toks = pl.ds(mi * bm + c * epi, epi)
-                plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[toks, cols])
+                if cfg.split_k > 1:  # f32 partial, [N, M] as accumulated
+                    o_smem.at[wg][...] = tile
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[ki, cols, toks])
+                else:  # x.dtype rows of [M, N]: transposed on the way (stmatrix.trans)
+                    o_smem.at[wg].transpose((1, 0))[...] = tile
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[toks, cols])
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
         pl.run_scoped(scope, plgpu.ACC((bn, bm), jnp.float32))
@@ -173,11 +190,11 @@ def _kernel(
         memory_registers=_MEMORY_REGISTERS,
         in_specs=[
             plgpu.BlockSpec(
-                w_block, lambda k: (ni, k), transforms=tiled(swizzle_for(bk // 2), w_bits)
+                w_block, lambda k: (ni, k0 + k), transforms=tiled(swizzle_for(bk // 2), w_bits)
             ),
-            plgpu.BlockSpec((bm, bk), lambda k: (mi, k), transforms=tiled(128, 16)),
-            plgpu.BlockSpec((bk // g, _CONSUMERS * bn), lambda k: (k, ni)),
-            plgpu.BlockSpec((bk // g, _CONSUMERS * bn), lambda k: (k, ni)),
+            plgpu.BlockSpec((bm, bk), lambda k: (mi, k0 + k), transforms=tiled(128, 16)),
+            plgpu.BlockSpec((bk // g, _CONSUMERS * bn), lambda k: (k0 + k, ni)),
+            plgpu.BlockSpec((bk // g, _CONSUMERS * bn), lambda k: (k0 + k, ni)),
         ],
         wg_axis="wg",
         num_compute_wgs=_CONSUMERS,
@@ -198,26 +215,32 @@ def int4_matmul_mosaic_ws(
         raise ValueError(f"x has K={k}, weight has K={w.k}")
     check_supported(m, w, x_mk.dtype, cfg)
     g, bn, bm = w.group_size, cfg.block_n, cfg.block_m
-    steps = k // cfg.block_k
+    steps = k // (cfg.split_k * cfg.block_k)
     depth = pipeline_depth(cfg, g, steps)
     m_tiles, n_tiles = -(-m // bm), w.n // (_CONSUMERS * bn)
-    x = x_mk if m % 8 == 0 else jnp.pad(x_mk, ((0, -m % 8), (0, 0)))
+    # TMA zero-fills the x rows past M; below 8 rows the box is simply larger than x.
+    x = x_mk if m < 8 or m % 8 == 0 else jnp.pad(x_mk, ((0, -m % 8), (0, 0)))
+    epi = min(bm, _EPI_M)
+    if cfg.split_k > 1:
+        out_type = jax.ShapeDtypeStruct((cfg.split_k, w.n, m_tiles * bm), jnp.float32)
+        o_smem = plgpu.SMEM((_CONSUMERS, bn, epi), jnp.float32)
+    else:
+        out_type = jax.ShapeDtypeStruct((m_tiles * bm, w.n), x_mk.dtype)
+        o_smem = plgpu.SMEM(
+            (_CONSUMERS, epi, bn), x_mk.dtype, transforms=tiled(swizzle_for(bn * 2), 16)
+        )
     kernel = plgpu.kernel(
         functools.partial(
             _kernel, g=g, steps=steps, depth=depth, n_tiles=n_tiles, m_tiles=m_tiles, cfg=cfg
         ),
-        out_type=jax.ShapeDtypeStruct((m_tiles * bm, w.n), x_mk.dtype),
-        grid=(n_tiles * m_tiles,),
+        out_type=out_type,
+        grid=(cfg.split_k * n_tiles * m_tiles,),
         grid_names=("t",),
         num_threads=_CONSUMERS + 1,
         thread_name="wg",
-        scratch_types=[
-            plgpu.SMEM(
-                (_CONSUMERS, min(bm, _EPI_M), bn),
-                x_mk.dtype,
-                transforms=tiled(swizzle_for(bn * 2), 16),
-            )
-        ],
+        scratch_types=[o_smem],
     )
     out = kernel(x, w.q_packed, w.scales_gn, w.zeros_gn)
+    if cfg.split_k > 1:  # [split_k, N, m_pad] f32 partials: one XLA fusion
+        return out.sum(axis=0)[:, :m].T.astype(x_mk.dtype)
     return out if out.shape[0] == m else out[:m]

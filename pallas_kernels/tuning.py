@@ -2,7 +2,7 @@
 
 The weight's format (layout.py) follows the device: Hopper GPUs get the Mosaic GPU
 kernels' formats (``u4_wgmma``/``s4``) and run the decode kernel up to ``_MAX_MOSAIC_M``
-tokens and the warp-specialized GEMM above, with heuristic configs fitted to the H100
+(16) tokens and the warp-specialized GEMM above, with heuristic configs fitted to the H100
 sweeps; other NVIDIA GPUs get ``u4_split`` and the
 Triton kernel, whose configs come from a tuned table (``tuned_configs.json``, written by
 ``python -m pallas_kernels.bench --sweep tune`` on the device and committed) per device
@@ -27,9 +27,11 @@ TABLE_PATH = pathlib.Path(__file__).with_name("tuned_configs.json")
 # dequantize-then-cuBLAS: measured 3x slower than bf16 at M=1024, xla ~0.6x.
 _MAX_TRITON_M = 128
 # Above this many tokens the decode Mosaic kernel (one warpgroup per CTA) hands over to
-# the warp-specialized GEMM (``mosaic_ws``): measured 1.6x bf16 at M=64, 0.92x at 128 and
-# 0.55x at 256 (runs 8-9); mosaic_ws 0.62-1.02x at 256, 0.89-1.01x at 1024 (run 23).
-_MAX_MOSAIC_M = 128
+# the warp-specialized GEMM (``mosaic_ws``). Same run (28), 4 8B shapes: at M <= 16 the
+# decode kernel is as fast or faster (4096x28672 at M=16: 28.2 against 31.5 us) but for
+# 14336x4096 at 16 (18.2 vs 16.6); at M=64 mosaic_ws wins on all four (14336x4096 21.6
+# vs 25.9 us), and at M=128 by 1.4-2.2x (run 27: 14336x4096 28.7 vs 63.4 us).
+_MAX_MOSAIC_M = 16
 # Weights at least this large (K * N) get the inline-PTX dequant at M <= 16.
 _ASM_MIN_KN = 32 * 1024 * 1024
 
@@ -64,7 +66,11 @@ def choose_implementation(
     if fmt in ("s4", "u4_wgmma"):
         if not is_hopper(device_kind):
             return "xla"
-        return "mosaic" if m <= _MAX_MOSAIC_M else "mosaic_ws"
+        if m <= _MAX_MOSAIC_M:
+            return "mosaic"
+        if group_size % 64 == 0:
+            return "mosaic_ws"
+        return "mosaic" if m <= pallas_mosaic_gpu.DEFAULT_MAX_BLOCK_M else "xla"  # groups of 32
     entry = _lookup(device_kind, m, k, n, group_size)
     if entry is not None:
         return entry["impl"]
@@ -174,16 +180,28 @@ def mosaic_config(
 def mosaic_ws_config(
     device_kind: str, m: int, k: int, n: int, group_size: int
 ) -> pallas_mosaic_gpu_ws.Config:
-    """Config of the warp-specialized many-token kernel (H100 sweeps, docs/kernels.md
-    runs 23 and 25).
+    """Config of the warp-specialized kernel (H100 sweeps, docs/kernels.md runs 23-28).
 
-    64 weight rows per consumer and 256 tokens per CTA (best on all 8B shapes at M = 1024
-    and 4096; 128 x 128 was 3-10% slower), CTAs in groups of 8 token tiles per weight
-    tile (4096x28672 at M = 1024: 313.5 us against 336.2 going along N first). Up to
-    256 tokens, 128 tokens per CTA: twice the CTAs (4096x4096 at M = 256: 25.8 us
-    against 42.7 with 256).
+    64 weight rows per consumer (128 per CTA).
+
+    * Above 128 tokens, 256 tokens per CTA where that still makes about one wave of
+      CTAs (best on all 8B shapes at M = 1024 and 4096; 128 x 128 was 3-10% slower), in
+      groups of 8 token tiles per weight tile (4096x28672 at M = 1024: 313.5 us against
+      336.2 going along N first).
+    * Else 128 tokens per CTA (M rounded up to 8 up to 64 tokens, with K steps of 256:
+      3-8% faster than 128 at M = 64), and split-K doubled while the CTAs fit in half
+      the SMs (N = 4096 at M = 128: 4 CTAs along K, 28.7 us on 14336x4096 against 84.1
+      without).
     """
-    del device_kind, k, n, group_size
-    if m <= 256:
-        return pallas_mosaic_gpu_ws.Config(block_n=64, block_m=128)
-    return pallas_mosaic_gpu_ws.Config(block_n=64, block_m=256, group_m=8)
+    del device_kind
+    n_tiles = n // (2 * 64)
+    if m > 128 and n_tiles * -(-m // 256) >= _SMS - _SMS // 32:  # >= 128 of 132 SMs
+        block_k = max(128, group_size)
+        return pallas_mosaic_gpu_ws.Config(block_n=64, block_m=256, block_k=block_k, group_m=8)
+    block_m = 128 if m > 64 else max(8, -(-m // 8) * 8)
+    block_k = max(128 if m > 64 else 256, group_size)  # x tile <= 32 KB per step
+    ctas, split = n_tiles * -(-m // block_m), 1
+    while 2 * ctas * split <= _SMS and k % (2 * split * block_k) == 0 and k // split >= 2048:
+        # the next split still gives each CTA >= 1024 K rows
+        split *= 2
+    return pallas_mosaic_gpu_ws.Config(block_n=64, block_m=block_m, block_k=block_k, split_k=split)

@@ -221,6 +221,7 @@ class TestMosaicInterpret(_Int4MatmulCases):
         for fmt, m, cfg in (
             ("u4_wgmma", 300, pallas_mosaic_gpu_ws.Config(group_m=2)),
             ("s4", 40, pallas_mosaic_gpu_ws.Config(block_n=64, block_m=40)),
+            ("u4_wgmma", 200, pallas_mosaic_gpu_ws.Config(block_n=64, split_k=4)),
         ):
             w, _ = random_weight(np.random.default_rng(3), 1024, 512, 128, fmt=fmt)
             x = jax.ShapeDtypeStruct((m, 1024), jnp.bfloat16)
@@ -240,8 +241,6 @@ class TestMosaicInterpret(_Int4MatmulCases):
             pallas_mosaic_gpu.int4_matmul_mosaic(x, s4, config=pallas_mosaic_gpu.Config())
         with pytest.raises(NotImplementedError, match="u4_split"):
             pallas_triton.int4_matmul_triton(x, s4)
-        with pytest.raises(NotImplementedError, match="many tokens"):
-            pallas_mosaic_gpu_ws.int4_matmul_mosaic_ws(x, s4)
         with pytest.raises(NotImplementedError, match="block_n"):
             pallas_mosaic_gpu_ws.int4_matmul_mosaic_ws(jnp.ones((64, 256), jnp.bfloat16), s4)
         cfg = pallas_mosaic_gpu.Config(block_n=64, block_k=128)
@@ -322,6 +321,7 @@ class TestGpuManyTokens(_Int4MatmulCases):
         ("u4_wgmma", pallas_mosaic_gpu_ws.Config(block_n=64, block_m=256, group_m=3)),
         ("s4", pallas_mosaic_gpu_ws.Config(block_n=64, block_m=64)),
         ("s4", pallas_mosaic_gpu_ws.Config(block_n=128, block_m=40, block_k=256)),
+        ("u4_wgmma", pallas_mosaic_gpu_ws.Config(block_n=64, block_m=64, split_k=2)),
     ]
 
     @pytest.fixture(params=range(len(VARIANTS)))
@@ -445,17 +445,20 @@ class TestLayoutAndApi:
             pallas_mosaic_gpu.check_supported(m, w, jnp.bfloat16, cfg)
             assert cfg.cluster_reduce == (n >= 6400)  # >= 100 row tiles of 64
 
-    @pytest.mark.parametrize("m", [129, 256, 1000, 2048, 4096, 16384])
+    @pytest.mark.parametrize("m", [17, 32, 64, 100, 128, 129, 256, 1000, 2048, 4096, 16384])
     def test_many_token_dispatch(self, m: int) -> None:
-        """Above 128 tokens a Hopper GPU runs the warp-specialized kernel, with a config
+        """Above 16 tokens a Hopper GPU runs the warp-specialized kernel, with a config
         it supports on every Llama-3 8B / 70B layer; other devices keep their paths."""
         from pallas_kernels import bench, tuning
 
         h100 = "NVIDIA H100 80GB HBM3"
         for k, n in bench.SHAPES["8b"] + bench.SHAPES["70b"]:
             assert tuning.choose_implementation(h100, m, k, n, 128, "u4_wgmma") == "mosaic_ws"
-            assert tuning.choose_implementation(h100, 128, k, n, 128, "u4_wgmma") == "mosaic"
+            assert tuning.choose_implementation(h100, 16, k, n, 128, "u4_wgmma") == "mosaic"
             assert tuning.choose_implementation("cpu", m, k, n, 128, "u4_wgmma") == "xla"
+            # groups of 32 (s4 only): the decode kernel up to 128 tokens, then XLA
+            g32 = tuning.choose_implementation(h100, m, k, n, 32, "s4")
+            assert g32 == ("mosaic" if m <= 128 else "xla")
             cfg = tuning.mosaic_ws_config(h100, m, k, n, 128)
             w = bench._FakeW(k, n, 128, fmt="u4_wgmma")
             pallas_mosaic_gpu_ws.check_supported(m, w, jnp.bfloat16, cfg)
