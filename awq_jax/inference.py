@@ -37,7 +37,7 @@ class Int4Linear:
 
     ``implementation`` is static (part of the pytree structure), so changing it retraces
     instead of silently reusing a compiled function: None = dispatch, or "xla", "triton",
-    "mosaic" (see `pallas_kernels.int4_matmul`).
+    "mosaic", "mosaic_ws" (see `pallas_kernels.int4_matmul`).
     """
 
     weight: Any  # pallas_kernels.Int4Weight

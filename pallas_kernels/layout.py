@@ -118,13 +118,13 @@ def is_hopper(device_kind: str) -> bool:
 def format_for(implementation: str | None, k: int, group_size: int) -> str:
     """The format :func:`prepare_weight` writes for a backend (None: the default device's).
 
-    ``"mosaic"``: ``"u4_wgmma"`` where the group size and K are multiples of 128 (its fast
-    dequantization; 8-10% faster than ``s4`` on the H100, docs/kernels.md run 12), else
-    ``"s4"``. ``"triton"``: ``"u4_split"``. None or ``"xla"``: Mosaic's format on a Hopper
-    GPU, else ``"u4_split"`` (the Triton kernel's, and the cheaper one for the reference
-    on CPU/TPU).
+    ``"mosaic"`` and ``"mosaic_ws"``: ``"u4_wgmma"`` where the group size and K are
+    multiples of 128 (its fast dequantization; 8-10% faster than ``s4`` on the H100,
+    docs/kernels.md run 12), else ``"s4"``. ``"triton"``: ``"u4_split"``. None or
+    ``"xla"``: Mosaic's format on a Hopper GPU, else ``"u4_split"`` (the Triton kernel's,
+    and the cheaper one for the reference on CPU/TPU).
     """
-    if implementation == "mosaic":
+    if implementation in ("mosaic", "mosaic_ws"):
         return "u4_wgmma" if k % WGMMA_CHUNK == 0 == group_size % WGMMA_CHUNK else "s4"
     if implementation == "triton":
         return "u4_split"
