@@ -302,8 +302,9 @@ def mosaic_sweep_configs(
 
 def mosaic_ws_sweep_configs(m: int, k: int, n: int, gs: int) -> list[pallas_mosaic_gpu_ws.Config]:
     """Warp-specialized kernel configs to time in --sweep mosaic_ws mode: weight rows per
-    consumer x tokens per CTA and split-K up to 512 tokens; the CTA order, the tile shape
-    and the pipeline depth above."""
+    consumer x tokens per CTA and split-K up to 512 tokens; above, dispatch's tiles with
+    and without a persistent grid (runs 23 and 25 swept the tile shape and CTA order
+    there: commit eeda550)."""
     c = pallas_mosaic_gpu_ws.Config
     if m <= 64:  # decode: against the one-warpgroup kernel
         bm = max(8, -(-m // 8) * 8)
@@ -314,13 +315,8 @@ def mosaic_ws_sweep_configs(m: int, k: int, n: int, gs: int) -> list[pallas_mosa
         cands = [c(block_n=64, block_m=128, split_k=s) for s in (1, 2, 4)]
         cands += [c(block_n=64, block_m=64, split_k=s) for s in (1, 2)]
         cands += [c(block_n=64, block_m=256, split_k=s) for s in (1, 2)]
-    else:  # CTA order and tile shape (runs 23 and 25)
-        cands = [c(block_n=64, block_m=256, group_m=gm) for gm in (1, 4, 8, 16)]
-        cands += [c(block_n=128, block_m=128, group_m=gm) for gm in (1, 8)]
-        cands += [
-            c(block_n=128, block_m=128, max_concurrent_steps=2, group_m=8),
-            c(block_n=64, block_m=128, group_m=8),
-        ]
+    else:  # dispatch's tiles, with and without a persistent grid
+        cands = [c(block_n=64, block_m=256, group_m=8, persistent=p) for p in (False, True)]
     w = _FakeW(k, n, gs, fmt=format_for("mosaic", k, gs))
     out = []
     for cfg in cands:

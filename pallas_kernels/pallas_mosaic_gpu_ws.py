@@ -23,7 +23,8 @@ codes, group scales and the ``[M, N]`` output):
   few hundred tokens: 32 weight tiles): each CTA reduces a K slice into an f32 partial
   ``[N, M]`` and one XLA fusion adds them.
 * CTAs in groups of ``group_m`` token tiles per weight tile (``_tile_of``), so that a
-  wave of CTAs shares a few weight and token slices in L2.
+  wave of CTAs shares a few weight and token slices in L2; ``persistent=True`` runs one
+  CTA per SM over all tiles (``plgpu.nd_loop``) with the pipeline buffers allocated once.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ _CONSUMERS = 2
 _MEMORY_REGISTERS = 40
 # H100: 227 KB of shared memory per CTA; leave room for barriers.
 SMEM_BUDGET = 220 * 1024
+# Streaming multiprocessors of an H100 / H200 (the persistent grid's size).
+_SMS = 132
 # Tokens per epilogue store (the output tile goes out in [_EPI_M, block_n] pieces).
 _EPI_M = 64
 
@@ -65,6 +68,8 @@ class Config:
     split_k: CTAs along K per output tile, for layers with too few tiles to fill the
       GPU (N = 4096 at a few hundred tokens); each writes an f32 partial ``[N, M]`` and
       XLA adds them.
+    persistent: one CTA per SM looping over the tiles (``plgpu.nd_loop``) with the
+      pipeline's buffers allocated once, instead of one CTA per tile.
     """
 
     block_n: int = 128
@@ -73,6 +78,7 @@ class Config:
     max_concurrent_steps: int = 4
     group_m: int = 1
     split_k: int = 1
+    persistent: bool = False
 
 
 def smem_bytes(cfg: Config, g: int, depth: int, dtype_bytes: int = 2) -> int:
@@ -133,38 +139,35 @@ def _kernel(
 ):
     bn, bm, bk = cfg.block_n, cfg.block_m, cfg.block_k
     dtype = x_gmem.dtype
-    t = lax.axis_index("t")
-    ki = t // (n_tiles * m_tiles)  # K slice (split-K): outermost
-    ni, mi = _tile_of(t % (n_tiles * m_tiles), n_tiles, m_tiles, cfg.group_m)
-    k0 = ki * steps
     row = plgpu.Layout.WGMMA.reduce(1)
     wgmma_fmt = w_gmem.dtype == jnp.uint32
     x_elems = 64  # x columns per wgmma: one 128-byte swizzle row
 
-    def compute(eval_pipeline):
-        wg = lax.axis_index("wg")
-
-        def scope(acc_ref):
-            eval_pipeline(acc_ref)
-            acc = acc_ref[...]  # [bn, bm] f32
-            out = acc if cfg.split_k > 1 else acc.astype(dtype)
-            cols = pl.ds((ni * _CONSUMERS + wg) * bn, bn)
-            epi = min(bm, _EPI_M)
-            for c in range(bm // epi):  # through shared memory, then TMA
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                tile = out[:, c * epi : (c + 1) * epi]
-                toks = pl.ds(mi * bm + c * epi, epi)
-                if cfg.split_k > 1:  # f32 partial, [N, M] as accumulated
-                    o_smem.at[wg][...] = tile
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[ki, cols, toks])
-                else:  # x.dtype rows of [M, N]: transposed on the way (stmatrix.trans)
-                    o_smem.at[wg].transpose((1, 0))[...] = tile
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[toks, cols])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-        pl.run_scoped(scope, plgpu.ACC((bn, bm), jnp.float32))
+    def pipeline_for(t, body, compute):
+        """The pipeline of output tile ``t`` (split-K slice outermost)."""
+        ki = t // (n_tiles * m_tiles)
+        ni, mi = _tile_of(t % (n_tiles * m_tiles), n_tiles, m_tiles, cfg.group_m)
+        k0 = ki * steps
+        w_block = (_CONSUMERS * bn, bk // 8) if wgmma_fmt else (_CONSUMERS * bn, bk)
+        w_bits = 32 if wgmma_fmt else 4
+        sz = (bk // g, _CONSUMERS * bn)
+        return (ki, ni, mi), plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(steps,),
+            memory_registers=_MEMORY_REGISTERS,
+            in_specs=[
+                plgpu.BlockSpec(
+                    w_block, lambda k: (ni, k0 + k), transforms=tiled(swizzle_for(bk // 2), w_bits)
+                ),
+                plgpu.BlockSpec((bm, bk), lambda k: (mi, k0 + k), transforms=tiled(128, 16)),
+                plgpu.BlockSpec(sz, lambda k: (k0 + k, ni)),
+                plgpu.BlockSpec(sz, lambda k: (k0 + k, ni)),
+            ],
+            wg_axis="wg",
+            num_compute_wgs=_CONSUMERS,
+            max_concurrent_steps=depth,
+            compute_context=compute,
+        )
 
     def body(_, w_smem, x_smem, s_smem, z_smem, acc_ref):
         wg = lax.axis_index("wg")
@@ -180,28 +183,61 @@ def _kernel(
                 plgpu.wgmma(
                     acc_ref, wq[:, cols], x_smem.at[:, pl.ds(gi * g + j * x_elems, x_elems)].T
                 )
+        # Done before the slot is released and the next step overwrites the operand
+        # registers. Letting the chain run on (wgmma_wait(1), slots released a step
+        # late) gave wrong results on the H100 (run 31): nothing kept the registers.
         plgpu.wgmma_wait(0)
         return acc_ref
 
-    w_block, w_bits = ((_CONSUMERS * bn, bk // 8), 32) if wgmma_fmt else ((_CONSUMERS * bn, bk), 4)
-    pipeline = plgpu.emit_pipeline_warp_specialized(
-        body,
-        grid=(steps,),
-        memory_registers=_MEMORY_REGISTERS,
-        in_specs=[
-            plgpu.BlockSpec(
-                w_block, lambda k: (ni, k0 + k), transforms=tiled(swizzle_for(bk // 2), w_bits)
-            ),
-            plgpu.BlockSpec((bm, bk), lambda k: (mi, k0 + k), transforms=tiled(128, 16)),
-            plgpu.BlockSpec((bk // g, _CONSUMERS * bn), lambda k: (k0 + k, ni)),
-            plgpu.BlockSpec((bk // g, _CONSUMERS * bn), lambda k: (k0 + k, ni)),
-        ],
-        wg_axis="wg",
-        num_compute_wgs=_CONSUMERS,
-        max_concurrent_steps=depth,
-        compute_context=compute,
+    def run_tile(t, allocations=None):
+        def compute(eval_pipeline):
+            wg = lax.axis_index("wg")
+
+            def scope(acc_ref):
+                eval_pipeline(acc_ref)
+                acc = acc_ref[...]  # [bn, bm] f32, all chains done
+                out = acc if cfg.split_k > 1 else acc.astype(dtype)
+                cols = pl.ds((ni * _CONSUMERS + wg) * bn, bn)
+                epi = min(bm, _EPI_M)
+                for c in range(bm // epi):  # through shared memory, then TMA
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    tile = out[:, c * epi : (c + 1) * epi]
+                    toks = pl.ds(mi * bm + c * epi, epi)
+                    if cfg.split_k > 1:  # f32 partial, [N, M] as accumulated
+                        o_smem.at[wg][...] = tile
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[ki, cols, toks])
+                    else:  # x.dtype rows of [M, N]: transposed on the way (stmatrix.trans)
+                        o_smem.at[wg].transpose((1, 0))[...] = tile
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[toks, cols])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+            pl.run_scoped(scope, plgpu.ACC((bn, bm), jnp.float32))
+
+        (ki, ni, mi), pipeline = pipeline_for(t, body, compute)
+        if allocations is None:
+            pipeline(w_gmem, x_gmem, s_gmem, z_gmem)
+        else:
+            pipeline(w_gmem, x_gmem, s_gmem, z_gmem, allocations=allocations)
+
+    if not cfg.persistent:
+        run_tile(lax.axis_index("t"))
+        return
+    ignore = lambda *_, **__: None  # noqa: E731 (the allocations depend on shapes only)
+    _, shapes_only = pipeline_for(0, ignore, ignore)
+    tiles = cfg.split_k * n_tiles * m_tiles
+
+    @functools.partial(
+        pl.run_scoped,
+        allocations=shapes_only.get_allocations(w_gmem, x_gmem, s_gmem, z_gmem),
+        collective_axes="wg",
     )
-    pipeline(w_gmem, x_gmem, s_gmem, z_gmem)
+    def _scope(allocations):
+        @plgpu.nd_loop((tiles,), collective_axes="t")
+        def _loop(info):
+            (t,) = info.index
+            run_tile(t, allocations=allocations)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -234,7 +270,11 @@ def int4_matmul_mosaic_ws(
             _kernel, g=g, steps=steps, depth=depth, n_tiles=n_tiles, m_tiles=m_tiles, cfg=cfg
         ),
         out_type=out_type,
-        grid=(cfg.split_k * n_tiles * m_tiles,),
+        grid=(
+            min(cfg.split_k * n_tiles * m_tiles, _SMS)
+            if cfg.persistent
+            else cfg.split_k * n_tiles * m_tiles,
+        ),
         grid_names=("t",),
         num_threads=_CONSUMERS + 1,
         thread_name="wg",

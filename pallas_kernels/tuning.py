@@ -187,7 +187,9 @@ def mosaic_ws_config(
     * Above 128 tokens, 256 tokens per CTA where that still makes about one wave of
       CTAs (best on all 8B shapes at M = 1024 and 4096; 128 x 128 was 3-10% slower), in
       groups of 8 token tiles per weight tile (4096x28672 at M = 1024: 313.5 us against
-      336.2 going along N first).
+      336.2 going along N first), on a persistent grid (run 31: 3-7% faster on five of
+      six cells, e.g. 4096x14336 at M = 4096 650.6 against 699.3 us; 5% slower on
+      4096x28672 at 4096).
     * Else 128 tokens per CTA (M rounded up to 8 up to 64 tokens, with K steps of 256:
       3-8% faster than 128 at M = 64), and split-K doubled while the CTAs fit in half
       the SMs (N = 4096 at M = 128: 4 CTAs along K, 28.7 us on 14336x4096 against 84.1
@@ -197,7 +199,9 @@ def mosaic_ws_config(
     n_tiles = n // (2 * 64)
     if m > 128 and n_tiles * -(-m // 256) >= _SMS - _SMS // 32:  # >= 128 of 132 SMs
         block_k = max(128, group_size)
-        return pallas_mosaic_gpu_ws.Config(block_n=64, block_m=256, block_k=block_k, group_m=8)
+        return pallas_mosaic_gpu_ws.Config(
+            block_n=64, block_m=256, block_k=block_k, group_m=8, persistent=True
+        )
     block_m = 128 if m > 64 else max(8, -(-m // 8) * 8)
     block_k = max(128 if m > 64 else 256, group_size)  # x tile <= 32 KB per step
     ctas, split = n_tiles * -(-m // block_m), 1

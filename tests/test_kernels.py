@@ -222,6 +222,7 @@ class TestMosaicInterpret(_Int4MatmulCases):
             ("u4_wgmma", 300, pallas_mosaic_gpu_ws.Config(group_m=2)),
             ("s4", 40, pallas_mosaic_gpu_ws.Config(block_n=64, block_m=40)),
             ("u4_wgmma", 200, pallas_mosaic_gpu_ws.Config(block_n=64, split_k=4)),
+            ("u4_wgmma", 300, pallas_mosaic_gpu_ws.Config(persistent=True)),
         ):
             w, _ = random_weight(np.random.default_rng(3), 1024, 512, 128, fmt=fmt)
             x = jax.ShapeDtypeStruct((m, 1024), jnp.bfloat16)
@@ -322,6 +323,8 @@ class TestGpuManyTokens(_Int4MatmulCases):
         ("s4", pallas_mosaic_gpu_ws.Config(block_n=64, block_m=64)),
         ("s4", pallas_mosaic_gpu_ws.Config(block_n=128, block_m=40, block_k=256)),
         ("u4_wgmma", pallas_mosaic_gpu_ws.Config(block_n=64, block_m=64, split_k=2)),
+        ("u4_wgmma", pallas_mosaic_gpu_ws.Config(block_n=64, group_m=2, persistent=True)),
+        ("s4", pallas_mosaic_gpu_ws.Config(block_n=64, block_m=64, split_k=2, persistent=True)),
     ]
 
     @pytest.fixture(params=range(len(VARIANTS)))
