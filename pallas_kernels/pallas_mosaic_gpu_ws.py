@@ -46,8 +46,9 @@ _CONSUMERS = 2
 _MEMORY_REGISTERS = 40
 # H100: 227 KB of shared memory per CTA; leave room for barriers.
 SMEM_BUDGET = 220 * 1024
-# Streaming multiprocessors of an H100 / H200 (the persistent grid's size).
-_SMS = 132
+# Streaming multiprocessors of an H100 / H200: the persistent grid's size where the
+# device does not say (lowering on a CPU host).
+_DEFAULT_SMS = 132
 # Tokens per epilogue store (the output tile goes out in [_EPI_M, block_n] pieces).
 _EPI_M = 64
 
@@ -81,7 +82,12 @@ class Config:
     persistent: bool = False
 
 
+def _num_sms() -> int:
+    return getattr(jax.devices()[0], "core_count", None) or _DEFAULT_SMS
+
+
 def smem_bytes(cfg: Config, g: int, depth: int, dtype_bytes: int = 2) -> int:
+    """Shared memory of one CTA: ``depth`` pipeline steps and the epilogue tiles."""
     rows = _CONSUMERS * cfg.block_n
     per_step = rows * cfg.block_k // 2 + cfg.block_m * cfg.block_k * dtype_bytes
     per_step += 2 * (cfg.block_k // g) * rows * 2
@@ -91,6 +97,7 @@ def smem_bytes(cfg: Config, g: int, depth: int, dtype_bytes: int = 2) -> int:
 
 
 def pipeline_depth(cfg: Config, g: int, steps: int) -> int:
+    """``max_concurrent_steps`` cut to :data:`SMEM_BUDGET` (and to the steps there are)."""
     depth = min(cfg.max_concurrent_steps, steps)
     while depth > 1 and smem_bytes(cfg, g, depth) > SMEM_BUDGET:
         depth -= 1
@@ -183,9 +190,9 @@ def _kernel(
                 plgpu.wgmma(
                     acc_ref, wq[:, cols], x_smem.at[:, pl.ds(gi * g + j * x_elems, x_elems)].T
                 )
-        # Done before the slot is released and the next step overwrites the operand
-        # registers. Letting the chain run on (wgmma_wait(1), slots released a step
-        # late) gave wrong results on the H100 (run 31): nothing kept the registers.
+        # The chain is done before the pipeline releases the slot and the next step
+        # writes new operand registers. Letting it run on (wgmma_wait(1), slots released
+        # a step late) gave wrong results on the H100 (run 31; cause not established).
         plgpu.wgmma_wait(0)
         return acc_ref
 
@@ -265,16 +272,13 @@ def int4_matmul_mosaic_ws(
         o_smem = plgpu.SMEM(
             (_CONSUMERS, epi, bn), x_mk.dtype, transforms=tiled(swizzle_for(bn * 2), 16)
         )
+    tiles = cfg.split_k * n_tiles * m_tiles
     kernel = plgpu.kernel(
         functools.partial(
             _kernel, g=g, steps=steps, depth=depth, n_tiles=n_tiles, m_tiles=m_tiles, cfg=cfg
         ),
         out_type=out_type,
-        grid=(
-            min(cfg.split_k * n_tiles * m_tiles, _SMS)
-            if cfg.persistent
-            else cfg.split_k * n_tiles * m_tiles,
-        ),
+        grid=(min(tiles, _num_sms()) if cfg.persistent else tiles,),
         grid_names=("t",),
         num_threads=_CONSUMERS + 1,
         thread_name="wg",
