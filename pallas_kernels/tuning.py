@@ -18,6 +18,8 @@ import functools
 import json
 import pathlib
 
+import jax.numpy as jnp
+
 from pallas_kernels import pallas_mosaic_gpu, pallas_mosaic_gpu_ws, pallas_triton
 from pallas_kernels.layout import is_hopper
 
@@ -68,13 +70,28 @@ def choose_implementation(
             return "xla"
         if m <= _MAX_MOSAIC_M:
             return "mosaic"
-        if group_size % 64 == 0:
+        try:
+            cfg = mosaic_ws_config(device_kind, m, k, n, group_size)
+            pallas_mosaic_gpu_ws.check_supported(
+                m, _Shape(k, n, group_size, fmt), jnp.bfloat16, cfg
+            )
             return "mosaic_ws"
-        return "mosaic" if m <= pallas_mosaic_gpu.DEFAULT_MAX_BLOCK_M else "xla"  # groups of 32
+        except NotImplementedError:  # e.g. groups of 32, or N not a multiple of 128
+            return "mosaic" if m <= pallas_mosaic_gpu.DEFAULT_MAX_BLOCK_M else "xla"
     entry = _lookup(device_kind, m, k, n, group_size)
     if entry is not None:
         return entry["impl"]
     return "triton" if m <= _MAX_TRITON_M else "xla"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shape:
+    """What a kernel's ``check_supported`` reads of a weight."""
+
+    k: int
+    n: int
+    group_size: int
+    fmt: str
 
 
 def _split_for(k: int, rows: int, group_size: int) -> int:
@@ -198,14 +215,24 @@ def mosaic_ws_config(
     del device_kind
     n_tiles = n // (2 * 64)
     if m > 128 and n_tiles * -(-m // 256) >= _SMS - _SMS // 32:  # >= 128 of 132 SMs
-        block_k = max(128, group_size)
+        block_k = _ws_block_k(k, 128, group_size)
         return pallas_mosaic_gpu_ws.Config(
             block_n=64, block_m=256, block_k=block_k, group_m=8, persistent=True
         )
     block_m = 128 if m > 64 else max(8, -(-m // 8) * 8)
-    block_k = max(128 if m > 64 else 256, group_size)  # x tile <= 32 KB per step
+    block_k = _ws_block_k(k, 128 if m > 64 else 256, group_size)  # x tile <= 32 KB
     ctas, split = n_tiles * -(-m // block_m), 1
     while 2 * ctas * split <= _SMS and k % (2 * split * block_k) == 0 and k // split >= 2048:
         # the next split still gives each CTA >= 1024 K rows
         split *= 2
     return pallas_mosaic_gpu_ws.Config(block_n=64, block_m=block_m, block_k=block_k, split_k=split)
+
+
+def _ws_block_k(k: int, preferred: int, group_size: int) -> int:
+    """``preferred`` K rows per step, or 128 where that does not divide K; the group size
+    where it is larger. (Steps of 64 would fit SmolLM2's K = 576 but have never run on a
+    GPU: such layers keep the decode kernel, see :func:`choose_implementation`.)"""
+    for block_k in (preferred, 128):
+        if block_k % group_size == 0 and k % block_k == 0:
+            return block_k
+    return max(preferred, group_size)

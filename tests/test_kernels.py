@@ -465,3 +465,9 @@ class TestLayoutAndApi:
             cfg = tuning.mosaic_ws_config(h100, m, k, n, 128)
             w = bench._FakeW(k, n, 128, fmt="u4_wgmma")
             pallas_mosaic_gpu_ws.check_supported(m, w, jnp.bfloat16, cfg)
+        # SmolLM2-135M (groups of 64, s4): K = 576 takes no step of 128 rows, N = 576 no
+        # tile of 128: the decode kernel up to 128 tokens, then XLA; K = 1536 runs it.
+        for k, n in ((576, 1536), (1536, 576)):
+            impl = tuning.choose_implementation(h100, m, k, n, 64, "s4")
+            assert impl == ("mosaic" if m <= 128 else "xla"), (k, n)
+        assert tuning.choose_implementation(h100, m, 1536, 1536, 64, "s4") == "mosaic_ws"
