@@ -328,6 +328,15 @@ def mosaic_ws_sweep_configs(m: int, k: int, n: int, gs: int) -> list[pallas_mosa
     return out
 
 
+def _config_fns(prefix: str, configs: list, run, weights: str) -> dict:
+    """name -> (fn(x, w), weights) per config of one backend; the name lists its fields."""
+    fns = {}
+    for cfg in configs:
+        fields = ",".join(f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg))
+        fns[f"{prefix}:{fields}"] = (lambda x, w, c=cfg: run(x, w, config=c), weights)
+    return fns
+
+
 @dataclasses.dataclass(frozen=True)
 class _FakeW:
     k: int
@@ -454,6 +463,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--sweep",
         default="",
+        choices=["", "triton", "tune", "mosaic", "mosaic_ws"],
         help="'triton': time a grid of Triton configs; 'mosaic': the same for Mosaic GPU; "
         "'mosaic_ws': the warp-specialized many-token Mosaic GPU kernel; "
         "'tune': time the Triton tuning candidates and write tuned_configs.json (copy it "
@@ -486,46 +496,31 @@ def main(argv: list[str] | None = None) -> None:
         for m in ms:
             if time.time() - t0 > args.budget_s:
                 break
+            mosaic_fmt = format_for("mosaic", k, args.group_size)
             if args.sweep in ("triton", "tune"):
-                fns = {}
                 pick = tune_candidates if args.sweep == "tune" else sweep_configs
-                for cfg in pick(m, k, n, args.group_size):
-                    name = "triton:" + ",".join(
-                        f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
-                    )
-                    fns[name] = (
-                        lambda x, w, c=cfg: pallas_triton.int4_matmul_triton(x, w, config=c),
-                        "u4_split",
-                    )
-                fns = {**impl_fns([i for i in args.impls.split(",") if i]), **fns}
+                fns = _config_fns(
+                    "triton",
+                    pick(m, k, n, args.group_size),
+                    pallas_triton.int4_matmul_triton,
+                    "u4_split",
+                )
             elif args.sweep == "mosaic":
-                fns = {}
-                for fmt in [format_for("mosaic", k, args.group_size)]:
-                    splits = tuple(int(v) for v in args.mosaic_splits.split(","))
-                    for cfg in mosaic_sweep_configs(m, k, n, args.group_size, splits):
-                        name = f"mosaic[{fmt}]:" + ",".join(
-                            f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
-                        )
-                        fns[name] = (
-                            lambda x, w, c=cfg: pallas_mosaic_gpu.int4_matmul_mosaic(
-                                x, w, config=c
-                            ),
-                            fmt,
-                        )
-                fns = {**impl_fns([i for i in args.impls.split(",") if i]), **fns}
+                splits = tuple(int(v) for v in args.mosaic_splits.split(","))
+                fns = _config_fns(
+                    f"mosaic[{mosaic_fmt}]",
+                    mosaic_sweep_configs(m, k, n, args.group_size, splits),
+                    pallas_mosaic_gpu.int4_matmul_mosaic,
+                    mosaic_fmt,
+                )
             elif args.sweep == "mosaic_ws":
-                fmt = format_for("mosaic", k, args.group_size)
-                fns = {}
-                for cfg in mosaic_ws_sweep_configs(m, k, n, args.group_size):
-                    name = f"mosaic_ws[{fmt}]:" + ",".join(
-                        f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
-                    )
-                    fns[name] = (
-                        lambda x, w, c=cfg: pallas_mosaic_gpu_ws.int4_matmul_mosaic_ws(
-                            x, w, config=c
-                        ),
-                        fmt,
-                    )
+                fns = _config_fns(
+                    f"mosaic_ws[{mosaic_fmt}]",
+                    mosaic_ws_sweep_configs(m, k, n, args.group_size),
+                    pallas_mosaic_gpu_ws.int4_matmul_mosaic_ws,
+                    mosaic_fmt,
+                )
+            if args.sweep:  # the named baselines first, then the configs
                 fns = {**impl_fns([i for i in args.impls.split(",") if i]), **fns}
             else:
                 fns = impl_fns(args.impls.split(","))
