@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import api, pallas_mosaic_gpu, pallas_mosaic_gpu_ws, pallas_triton
+from pallas_kernels import api, pallas_mosaic_gpu, pallas_mosaic_gpu_ws, pallas_triton, tuning
 from pallas_kernels.layout import Int4Weight, format_for, prepare_weight
 from pallas_kernels.reference import dequantize
 
@@ -225,7 +225,9 @@ def sweep_configs(m: int, k: int, n: int, gs: int) -> list[pallas_triton.Config]
         for bm in (64, 128):
             for nw in (4, 8):
                 cfgs.append((k, c(block_m=bm, block_n=128, swap=True, num_warps=nw)))
-    return _runnable(cfgs, k, lambda cfg: pallas_triton.check_supported(_FakeW(k, n, gs), cfg))
+    return _runnable(
+        cfgs, k, lambda cfg: pallas_triton.check_supported(tuning.WeightShape(k, n, gs), cfg)
+    )
 
 
 def _runnable(cands: list[tuple[int, object]], k: int, check) -> list:
@@ -269,7 +271,9 @@ def tune_candidates(m: int, k: int, n: int, gs: int) -> list[pallas_triton.Confi
             (2048, c(block_m=64, block_n=64, swap=True, scale_after_dot=False)),
             (2048, c(block_m=64, block_n=128, scale_after_dot=False)),
         ]
-    return _runnable(cands, k, lambda cfg: pallas_triton.check_supported(_FakeW(k, n, gs), cfg))
+    return _runnable(
+        cands, k, lambda cfg: pallas_triton.check_supported(tuning.WeightShape(k, n, gs), cfg)
+    )
 
 
 def mosaic_sweep_configs(
@@ -293,7 +297,7 @@ def mosaic_sweep_configs(
             (rows, c(block_n=64, block_k=bk, cluster_reduce=True, max_concurrent_steps=3)),
             (rows, c(block_n=64, block_k=bk, cluster_reduce=True, max_concurrent_steps=6)),
         ]
-    w = _FakeW(k, n, gs, fmt=format_for("mosaic", k, gs))
+    w = tuning.WeightShape(k, n, gs, fmt=format_for("mosaic", k, gs))
     cfgs = _runnable(
         cands, k, lambda cfg: pallas_mosaic_gpu.check_supported(m, w, jnp.bfloat16, cfg)
     )
@@ -317,7 +321,7 @@ def mosaic_ws_sweep_configs(m: int, k: int, n: int, gs: int) -> list[pallas_mosa
         cands += [c(block_n=64, block_m=256, split_k=s) for s in (1, 2)]
     else:  # dispatch's tiles, with and without a persistent grid
         cands = [c(block_n=64, block_m=256, group_m=8, persistent=p) for p in (False, True)]
-    w = _FakeW(k, n, gs, fmt=format_for("mosaic", k, gs))
+    w = tuning.WeightShape(k, n, gs, fmt=format_for("mosaic", k, gs))
     out = []
     for cfg in cands:
         try:
@@ -335,15 +339,6 @@ def _config_fns(prefix: str, configs: list, run, weights: str) -> dict:
         fields = ",".join(f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg))
         fns[f"{prefix}:{fields}"] = (lambda x, w, c=cfg: run(x, w, config=c), weights)
     return fns
-
-
-@dataclasses.dataclass(frozen=True)
-class _FakeW:
-    k: int
-    n: int
-    group_size: int
-    tile_n: int = 0
-    fmt: str = "u4_split"
 
 
 def write_tuned_table(records: list[dict], group_size: int, path: pathlib.Path) -> None:

@@ -73,7 +73,7 @@ def choose_implementation(
         try:
             cfg = mosaic_ws_config(device_kind, m, k, n, group_size)
             pallas_mosaic_gpu_ws.check_supported(
-                m, _Shape(k, n, group_size, fmt), jnp.bfloat16, cfg
+                m, WeightShape(k, n, group_size, fmt=fmt), jnp.bfloat16, cfg
             )
             return "mosaic_ws"
         except NotImplementedError:  # e.g. groups of 32, or N not a multiple of 128
@@ -85,13 +85,15 @@ def choose_implementation(
 
 
 @dataclasses.dataclass(frozen=True)
-class _Shape:
-    """What a kernel's ``check_supported`` reads of a weight."""
+class WeightShape:
+    """What the kernels' ``check_supported`` read of a weight: a stand-in for an
+    ``Int4Weight`` when choosing a config without one (dispatch, sweeps, tests)."""
 
     k: int
     n: int
     group_size: int
-    fmt: str
+    tile_n: int = 0
+    fmt: str = "u4_split"
 
 
 def _split_for(k: int, rows: int, group_size: int) -> int:

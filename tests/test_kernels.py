@@ -444,7 +444,7 @@ class TestLayoutAndApi:
 
         for k, n in bench.SHAPES["8b"] + bench.SHAPES["70b"]:
             cfg = tuning.mosaic_config("NVIDIA H100 80GB HBM3", m, k, n, 128)
-            w = bench._FakeW(k, n, 128, fmt="u4_wgmma")
+            w = tuning.WeightShape(k, n, 128, fmt="u4_wgmma")
             pallas_mosaic_gpu.check_supported(m, w, jnp.bfloat16, cfg)
             assert cfg.cluster_reduce == (n >= 6400)  # >= 100 row tiles of 64
 
@@ -463,7 +463,7 @@ class TestLayoutAndApi:
             g32 = tuning.choose_implementation(h100, m, k, n, 32, "s4")
             assert g32 == ("mosaic" if m <= 128 else "xla")
             cfg = tuning.mosaic_ws_config(h100, m, k, n, 128)
-            w = bench._FakeW(k, n, 128, fmt="u4_wgmma")
+            w = tuning.WeightShape(k, n, 128, fmt="u4_wgmma")
             pallas_mosaic_gpu_ws.check_supported(m, w, jnp.bfloat16, cfg)
         # SmolLM2-135M (groups of 64, s4): K = 576 takes no step of 128 rows, N = 576 no
         # tile of 128: the decode kernel up to 128 tokens, then XLA; K = 1536 runs it.
