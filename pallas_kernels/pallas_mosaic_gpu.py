@@ -171,13 +171,16 @@ def check_supported(m: int, w: Int4Weight, dtype: jnp.dtype, cfg: Config) -> Non
         raise NotImplementedError("; ".join(problems))
 
 
-def _dequant_wgmma(words, zm, dtype):
+def _dequant_wgmma(words, zm, dtype, raw: bool = False):
     """u4_wgmma words ``[bn, 16] uint32`` (WGMMA_8BIT layout) -> ``[bn, 128]`` q - z.
 
     ``zm`` is ``magic + z`` per row (row layout). Per 32-bit word: for each of its 4
     element pairs one SHR, one LOP3 (``& 0x000F000F | magic``: two floats ``magic + q``)
     and one packed SUB of ``magic + z``, written straight into the wgmma A-operand
     registers (see layout.py for the order that makes this possible).
+
+    ``raw=True`` (a probe of the kernel's cost, stream_probe.py) moves each word into
+    the operand registers as it is: the same registers and wgmma, no dequantization.
     """
     import jax.experimental.mosaic.gpu as mgpu
     from jax.experimental.mosaic.gpu import fragmented_array as fa
@@ -210,7 +213,9 @@ def _dequant_wgmma(words, zm, dtype):
                         res = llvm.inline_asm(
                             i32,
                             [word, z2],
-                            "{ .reg .b32 t;\n"
+                            "mov.b32 $0, $1;"
+                            if raw
+                            else "{ .reg .b32 t;\n"
                             f"shr.b32 t, $1, {4 * p};\n"
                             f"lop3.b32 t, t, 0x000F000F, {hex(bits << 16 | bits)}, 0xEA;\n"
                             f"sub.{ty}x2 $0, t, $2; }}",
