@@ -7,8 +7,8 @@ matrices. This times, on each layer shape, with the bench's method (CUPTI, rotat
 weight sets past the L2) and the grid, K split, step size and pipeline depth dispatch
 uses for M = 1:
 
-* ``bf16`` and ``auto`` (dispatch), and ``auto`` with ``scale_in_dequant`` (one
-  accumulator over K, chains overlapped), both checked against the f32 reference, at
+* ``bf16`` and ``auto`` (dispatch), and dispatch's config with ``scale_in_dequant``
+  (one accumulator over K, chains overlapped), checked against the f32 reference, at
   M = 1 and 16;
 * ``load``: the same ``emit_pipeline`` of TMA copies with an empty body, i.e. the
   memory ceiling of the kernel's access pattern: ``rows`` (today's ``[N, K/8]`` words:
@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--budget-s", type=float, default=420.0)
+    ap.add_argument(
+        "--no-probes", dest="probes", action="store_false", help="time the real kernels only"
+    )
     args = ap.parse_args(argv)
     if args.ncu_target:
         k, n = (int(v) for v in args.ncu_target.split("x"))
@@ -240,17 +243,19 @@ def main(argv: list[str] | None = None) -> None:
         nbytes = k * n // 2 + 4 * (k // g) * n
         prob = bench.make_problem(k, n, g, seed=si, fmts=("u4_wgmma",))
         fns = bench.impl_fns(["bf16", "auto"])
-        cfg = tuning.mosaic_config("NVIDIA H100", 1, k, n, g)
-        sid = dataclasses.replace(cfg, scale_in_dequant=True)
-        fns["auto+scale_in_dequant"] = (
-            lambda x, w, c=sid: pallas_mosaic_gpu.int4_matmul_mosaic(x, w, config=c),
-            "u4_wgmma",
-        )
         for m in (1, 16):
+            cfg = tuning.mosaic_config("NVIDIA H100", m, k, n, g)
+            variant = dataclasses.replace(cfg, scale_in_dequant=True)
+            fns["auto+scale_in_dequant"] = (
+                functools.partial(pallas_mosaic_gpu.int4_matmul_mosaic, config=variant),
+                "u4_wgmma",
+            )
             for name, (fn, weights) in fns.items():
                 rec = bench.measure_one(prob, m, name, fn, weights, seed=si)
                 rec["tbps"] = rec["us"] and nbytes / rec["us"] / 1e6
                 add(rec)
+        if not args.probes:
+            continue
         count = len(prob.w4["u4_wgmma"])
         first = prob.w4["u4_wgmma"][0]
         x = bench.make_xs(1, k, 1, si)[0]
