@@ -10,6 +10,7 @@ dequantize in jnp, then ``jnp.dot``), ``"triton"``, ``"mosaic"`` (Hopper, few to
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 
@@ -24,6 +25,28 @@ def _device_kind() -> str:
     """The device kind of the default backend ("cpu" for CPU, e.g. "NVIDIA H100 80GB HBM3")."""
     dev = jax.devices()[0]
     return "cpu" if dev.platform == "cpu" else dev.device_kind
+
+
+def on_nvidia_gpu() -> bool:
+    """Whether the default device is an NVIDIA GPU (where the Triton kernels run)."""
+    return _device_kind().startswith("NVIDIA")
+
+
+def dispatch[T](implementation: str | None, run: Callable[[str], T]) -> T:
+    """``run(implementation)``, or for None: ``run("triton")`` on NVIDIA GPUs and
+    ``run("xla")`` elsewhere or where Triton raises ``NotImplementedError`` for the shape.
+
+    The small decode kernels (`pallas_kernels.decode_attention`, `pallas_kernels.norm`)
+    have one backend each and no tuned table: this is their whole dispatch.
+    """
+    if implementation is not None:
+        return run(implementation)
+    if on_nvidia_gpu():
+        try:
+            return run("triton")
+        except NotImplementedError:
+            pass
+    return run("xla")
 
 
 def _run(impl: str, x_mk: jax.Array, w: Int4Weight) -> jax.Array:
