@@ -32,21 +32,25 @@ def on_nvidia_gpu() -> bool:
     return _device_kind().startswith("NVIDIA")
 
 
-def dispatch[T](implementation: str | None, run: Callable[[str], T]) -> T:
-    """``run(implementation)``, or for None: ``run("triton")`` on NVIDIA GPUs and
-    ``run("xla")`` elsewhere or where Triton raises ``NotImplementedError`` for the shape.
+def dispatch[T](implementation: str | None, backends: dict[str, Callable[[], T]]) -> T:
+    """Runs ``backends[implementation]()``; for None, ``backends["triton"]()`` on NVIDIA
+    GPUs and ``backends["xla"]()`` elsewhere or where Triton raises ``NotImplementedError``.
 
-    The small decode kernels (`pallas_kernels.decode_attention`, `pallas_kernels.norm`)
-    have one backend each and no tuned table: this is their whole dispatch.
+    The small decode kernels (`pallas_kernels.attention`, `pallas_kernels.norm`) have one
+    GPU backend each and no tuned table: this is their whole dispatch.
     """
-    if implementation is not None:
-        return run(implementation)
-    if on_nvidia_gpu():
-        try:
-            return run("triton")
-        except NotImplementedError:
-            pass
-    return run("xla")
+    if implementation is None:
+        if on_nvidia_gpu() and "triton" in backends:
+            try:
+                return backends["triton"]()
+            except NotImplementedError:
+                pass
+        return backends["xla"]()
+    if implementation not in backends:
+        raise ValueError(
+            f"implementation must be None or one of {tuple(backends)}; got {implementation!r}"
+        )
+    return backends[implementation]()
 
 
 def _run(impl: str, x_mk: jax.Array, w: Int4Weight) -> jax.Array:

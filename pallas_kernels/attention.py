@@ -64,7 +64,6 @@ __all__ = [
     "default_config",
 ]
 
-IMPLEMENTATIONS = ("xla", "triton")
 # Triton's dots need every dimension >= 16: the G query rows of a kv head are padded.
 MIN_DOT = 16
 # The heuristic aims for this many programs (about one wave on a 132-SM H100) ...
@@ -401,16 +400,16 @@ def decode_attention(
       interpret: run the kernel in the Pallas interpreter (CPU tests).
     """
     _check_shapes(q_bnh, k_bskh, v_bskh, valid_bs)
-
-    def run(impl: str) -> jax.Array:
-        if impl == "xla":
-            return decode_attention_reference(q_bnh, k_bskh, v_bskh, valid_bs, scale=scale)
-        if impl == "triton":
-            kw = dict(scale=scale, config=config, interpret=interpret)
-            return _decode_attention_triton(q_bnh, k_bskh, v_bskh, valid_bs, None, **kw)
-        raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}; got {impl!r}")
-
-    return api.dispatch(implementation, run)
+    kernel = functools.partial(
+        _decode_attention_triton, scale=scale, config=config, interpret=interpret
+    )
+    return api.dispatch(
+        implementation,
+        {
+            "xla": lambda: decode_attention_reference(q_bnh, k_bskh, v_bskh, valid_bs, scale=scale),
+            "triton": lambda: kernel(q_bnh, k_bskh, v_bskh, valid_bs, None),
+        },
+    )
 
 
 def decode_attention_update(
@@ -441,16 +440,16 @@ def decode_attention_update(
             f"the new key/value rows must be [B, K, H] = {kv_shape}; "
             f"got {k_new_bkh.shape}, {v_new_bkh.shape}"
         )
-
-    def run(impl: str) -> tuple[jax.Array, jax.Array, jax.Array]:
-        if impl == "xla":
-            return decode_attention_update_reference(
+    kernel = functools.partial(
+        _decode_attention_triton, scale=scale, config=config, interpret=interpret
+    )
+    step = (k_new_bkh.astype(k_bskh.dtype), v_new_bkh.astype(v_bskh.dtype), index)
+    return api.dispatch(
+        implementation,
+        {
+            "xla": lambda: decode_attention_update_reference(
                 q_bnh, k_new_bkh, v_new_bkh, k_bskh, v_bskh, index, valid_bs, scale=scale
-            )
-        if impl == "triton":
-            step = (k_new_bkh.astype(k_bskh.dtype), v_new_bkh.astype(v_bskh.dtype), index)
-            kw = dict(scale=scale, config=config, interpret=interpret)
-            return _decode_attention_triton(q_bnh, k_bskh, v_bskh, valid_bs, step, **kw)
-        raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}; got {impl!r}")
-
-    return api.dispatch(implementation, run)
+            ),
+            "triton": lambda: kernel(q_bnh, k_bskh, v_bskh, valid_bs, step),
+        },
+    )

@@ -29,7 +29,6 @@ from pallas_kernels import api
 
 __all__ = ["add_rms_norm", "add_rms_norm_reference", "rms_norm", "rms_norm_reference"]
 
-IMPLEMENTATIONS = ("xla", "triton")
 # A row is one block of registers: 16384 f32 values over 8 warps is 64 per thread.
 MAX_WIDTH = 16384
 
@@ -150,14 +149,14 @@ def rms_norm(
     """
     _check_shapes(x, weight)
 
-    def run(impl: str) -> jax.Array:
-        if impl == "xla":
-            return rms_norm_reference(x, weight, eps)
-        if impl == "triton":
-            return _norm_triton(x, None, weight, eps, num_warps=num_warps, interpret=interpret)
-        raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}; got {impl!r}")
-
-    return api.dispatch(implementation, run)
+    triton = functools.partial(_norm_triton, num_warps=num_warps, interpret=interpret)
+    return api.dispatch(
+        implementation,
+        {
+            "xla": lambda: rms_norm_reference(x, weight, eps),
+            "triton": lambda: triton(x, None, weight, eps),
+        },
+    )
 
 
 def add_rms_norm(
@@ -176,11 +175,11 @@ def add_rms_norm(
     """
     _check_shapes(x, weight, delta)
 
-    def run(impl: str) -> tuple[jax.Array, jax.Array]:
-        if impl == "xla":
-            return add_rms_norm_reference(x, delta, weight, eps)
-        if impl == "triton":
-            return _norm_triton(x, delta, weight, eps, num_warps=num_warps, interpret=interpret)
-        raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}; got {impl!r}")
-
-    return api.dispatch(implementation, run)
+    triton = functools.partial(_norm_triton, num_warps=num_warps, interpret=interpret)
+    return api.dispatch(
+        implementation,
+        {
+            "xla": lambda: add_rms_norm_reference(x, delta, weight, eps),
+            "triton": lambda: triton(x, delta, weight, eps),
+        },
+    )
