@@ -217,9 +217,9 @@ def _attention_kernel(
         )  # [bg, bs]
         s = jnp.where(ok[None, :], s * scale, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no key yet: exp(-inf - 0) = 0
-        alpha = jnp.exp(m - m_ref)
-        p = jnp.exp(s - m_ref[:, None])
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no key yet: exp(-inf - 0) = 0
+        alpha = jnp.exp(m - m_safe)
+        p = jnp.exp(s - m_safe[:, None])
         pv = jax.lax.dot_general(
             p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
         )  # [bg, H]
@@ -254,8 +254,8 @@ def _combine_kernel(o_ref, m_ref, l_ref, out_ref, *, g: int, block_g: int, split
         l_j = pltriton.load(l_ref.at[b, kh, j, rows], mask=row_ok, other=0)
         o_j = pltriton.load(o_ref.at[b, kh, j, rows, :], mask=row_ok[:, None], other=0)
         m_new = jnp.maximum(m, m_j)
-        m_ref_ = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        a, c = jnp.exp(m - m_ref_), jnp.exp(m_j - m_ref_)
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        a, c = jnp.exp(m - m_safe), jnp.exp(m_j - m_safe)
         return a[:, None] * acc + c[:, None] * o_j, m_new, a * l + c * l_j
 
     h = out_ref.shape[-1]
