@@ -24,9 +24,12 @@ import jax.numpy as jnp
 
 from awq_jax.config import ModelConfig, rope_inv_freq
 from awq_jax.linear import linear
+from pallas_kernels.attention import decode_attention_update
+from pallas_kernels.norm import add_rms_norm, rms_norm, rms_norm_reference
 
 __all__ = [
     "MLP",
+    "AddRMSNorm",
     "Attention",
     "Block",
     "KVCache",
@@ -45,16 +48,37 @@ KVCache = tuple  # (k, v) of [L, B, S, K, H] (stacked), or per layer (k, v) of [
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm in float32, cast back before the weight multiply (as transformers does)."""
+    """RMSNorm in float32, cast back before the weight multiply (as transformers does).
+
+    Always the jnp reference (`pallas_kernels.norm.rms_norm_reference`). Its only users are
+    Qwen3's per-head q/k norms, which also run inside the AWQ search's vmapped candidates;
+    the norm kernel is used (and tested on GPU) for the residual stream's norms only.
+    """
 
     eps: float
 
+    def weight(self, x: jax.Array) -> jax.Array:
+        return self.param("scale", nn.initializers.ones, (x.shape[-1],), x.dtype)
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), x.dtype)
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return scale * y.astype(x.dtype)
+        return rms_norm_reference(x, self.weight(x), self.eps)
+
+
+class AddRMSNorm(RMSNorm):
+    """A residual add and the RMSNorm it feeds: ``(x + delta, norm(x + delta))``.
+
+    One Pallas kernel on NVIDIA GPUs (`pallas_kernels.add_rms_norm`), the same numbers as
+    ``x + delta`` followed by `RMSNorm`. ``delta=None``: no add, ``(x, norm(x))``.
+    """
+
+    @nn.compact
+    def __call__(  # type: ignore[override]
+        self, x: jax.Array, delta: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array]:
+        if delta is None:
+            return x, rms_norm(x, self.weight(x), self.eps)
+        return add_rms_norm(x, delta, self.weight(x), self.eps)
 
 
 class Linear(nn.Module):
@@ -166,33 +190,66 @@ class Attention(nn.Module):
         q_btnh = _apply_rope(q_btnh, cos_bth, sin_bth)
         k_btkh = _apply_rope(k_btkh, cos_bth, sin_bth)
 
-        if cache is not None:
-            k_cache, v_cache = cache
-            start = (0, cache_index, 0, 0)
-            k_bskh = jax.lax.dynamic_update_slice(k_cache, k_btkh.astype(k_cache.dtype), start)
-            v_bskh = jax.lax.dynamic_update_slice(v_cache, v_btkh.astype(v_cache.dtype), start)
+        if cache is not None and t == 1:
+            # A decode step: the cache write and the attention over the cache are one
+            # kernel on GPU (`pallas_kernels.decode_attention_update`).
+            out_bnh, k_bskh, v_bskh = decode_attention_update(
+                q_btnh[:, 0],
+                k_btkh[:, 0],
+                v_btkh[:, 0],
+                *cache,
+                cache_index,
+                mask_bts[:, 0],
+                scale=h**-0.5,
+            )
+            out_btd = out_bnh.reshape(b, 1, nq * h)
             cache = (k_bskh, v_bskh)
         else:
-            k_bskh, v_bskh = k_btkh, v_btkh
-
-        q_btkgh = q_btnh.reshape(b, t, nk, c.q_per_kv, h)
-        chunk = ATTENTION_QUERY_CHUNK
-        if t > chunk and t % chunk == 0:
-            # Long prompts: one block of queries at a time, so the f32 scores are
-            # [B, K, G, chunk, S] instead of [B, K, G, T, S] (32 x 2048 tokens of an 8B
-            # model would need 19 GB at once). Each query row's softmax is unchanged.
-            def block(args):
-                q_c, mask_c = args
-                return _attend(q_c, k_bskh, v_bskh, mask_c, h)
-
-            q_blocks = q_btkgh.reshape(b, t // chunk, chunk, *q_btkgh.shape[2:]).swapaxes(0, 1)
-            mask_blocks = mask_bts.reshape(b, t // chunk, chunk, -1).swapaxes(0, 1)
-            out = jax.lax.map(block, (q_blocks, mask_blocks))
-            out_btkgh = out.swapaxes(0, 1).reshape(b, t, *q_btkgh.shape[2:])
-        else:
-            out_btkgh = _attend(q_btkgh, k_bskh, v_bskh, mask_bts, h)
-        out_btd = out_btkgh.reshape(b, t, nq * h).astype(x_btd.dtype)
+            out_btd, cache = _attend_prompt(
+                q_btnh, k_btkh, v_btkh, mask_bts, cache, cache_index, c.q_per_kv
+            )
+        out_btd = out_btd.astype(x_btd.dtype)
         return Linear(c.hidden_size, c.o_bias, name="o_proj")(out_btd), cache
+
+
+def _attend_prompt(
+    q_btnh: jax.Array,
+    k_btkh: jax.Array,
+    v_btkh: jax.Array,
+    mask_bts: jax.Array,
+    cache: KVCache | None,
+    cache_index: jax.Array | int,
+    q_per_kv: int,
+) -> tuple[jax.Array, KVCache | None]:
+    """Attention of T query positions (a prompt, or a whole sequence without a cache):
+    ``[B, T, N * H]`` and the cache with the T keys and values written at ``cache_index``."""
+    b, t, nk, h = k_btkh.shape
+    if cache is not None:
+        k_cache, v_cache = cache
+        start = (0, cache_index, 0, 0)
+        k_bskh = jax.lax.dynamic_update_slice(k_cache, k_btkh.astype(k_cache.dtype), start)
+        v_bskh = jax.lax.dynamic_update_slice(v_cache, v_btkh.astype(v_cache.dtype), start)
+        cache = (k_bskh, v_bskh)
+    else:
+        k_bskh, v_bskh = k_btkh, v_btkh
+
+    q_btkgh = q_btnh.reshape(b, t, nk, q_per_kv, h)
+    chunk = ATTENTION_QUERY_CHUNK
+    if t > chunk and t % chunk == 0:
+        # Long prompts: one block of queries at a time, so the f32 scores are
+        # [B, K, G, chunk, S] instead of [B, K, G, T, S] (32 x 2048 tokens of an 8B
+        # model would need 19 GB at once). Each query row's softmax is unchanged.
+        def block(args):
+            q_c, mask_c = args
+            return _attend(q_c, k_bskh, v_bskh, mask_c, h)
+
+        q_blocks = q_btkgh.reshape(b, t // chunk, chunk, *q_btkgh.shape[2:]).swapaxes(0, 1)
+        mask_blocks = mask_bts.reshape(b, t // chunk, chunk, -1).swapaxes(0, 1)
+        out = jax.lax.map(block, (q_blocks, mask_blocks))
+        out_btkgh = out.swapaxes(0, 1).reshape(b, t, *q_btkgh.shape[2:])
+    else:
+        out_btkgh = _attend(q_btkgh, k_bskh, v_bskh, mask_bts, h)
+    return out_btkgh.reshape(b, t, nk * q_per_kv * h), cache
 
 
 class MLP(nn.Module):
@@ -213,26 +270,36 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One decoder layer. Signature ``(x, cache, ...) -> (x, cache)`` so it scans over layers."""
+    """One decoder layer. Signature ``(x, cache, ...) -> (x, cache)`` so it scans over layers.
+
+    With ``defer_residual`` the hidden state travels as a pair ``(x, delta)`` that means
+    ``x + delta``: the layer takes the previous layer's MLP output un-added as ``delta``
+    (None before the first layer) and returns its own, so that every residual add runs
+    in one kernel with the RMSNorm it feeds (`AddRMSNorm`): this layer's input norm here,
+    the model's final norm after the last layer. Without it (the AWQ pipeline's per-layer
+    calls) ``x`` is the hidden state itself, as a plain decoder layer's.
+    """
 
     config: ModelConfig
+    defer_residual: bool = False
 
     @nn.compact
     def __call__(
         self,
-        x_btd: jax.Array,
+        x: jax.Array | tuple[jax.Array, jax.Array | None],
         cache: KVCache | None,
         cos_bth: jax.Array,
         sin_bth: jax.Array,
         mask_bts: jax.Array,
         cache_index: jax.Array | int = 0,
-    ) -> tuple[jax.Array, KVCache | None]:
+    ) -> tuple[jax.Array | tuple[jax.Array, jax.Array], KVCache | None]:
         c = self.config
-        h = RMSNorm(c.rms_norm_eps, name="input_layernorm")(x_btd)
+        x_btd, delta_btd = x if self.defer_residual else (x, None)
+        x_btd, h = AddRMSNorm(c.rms_norm_eps, name="input_layernorm")(x_btd, delta_btd)
         a, cache = Attention(c, name="self_attn")(h, cos_bth, sin_bth, mask_bts, cache, cache_index)
-        x_btd = x_btd + a
-        h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(x_btd)
-        return x_btd + MLP(c, name="mlp")(h), cache
+        x_btd, h = AddRMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(x_btd, a)
+        mlp_btd = MLP(c, name="mlp")(h)
+        return ((x_btd, mlp_btd) if self.defer_residual else x_btd + mlp_btd), cache
 
 
 class Transformer(nn.Module):
@@ -263,11 +330,12 @@ class Transformer(nn.Module):
             # Inference layout (see `awq_jax.inference`): one param tree and one KV cache per
             # layer, unrolled. Nothing is sliced out of a stacked array at run time, so no
             # weight or cache is copied per step.
+            stream = (x_btd, None)
             caches = []
             for i, layer in enumerate(unstacked):
                 layer_cache = None if cache is None else cache[i]
-                x_btd, layer_cache = Block(c).apply(
-                    {"params": layer}, x_btd, layer_cache, cos, sin, mask_bts, cache_index
+                stream, layer_cache = Block(c, defer_residual=True).apply(
+                    {"params": layer}, stream, layer_cache, cos, sin, mask_bts, cache_index
                 )
                 caches.append(layer_cache)
             cache = None if cache is None else tuple(caches)
@@ -279,10 +347,15 @@ class Transformer(nn.Module):
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=c.num_layers,
             )
-            x_btd, cache = layers(c, name="layers")(x_btd, cache, cos, sin, mask_bts, cache_index)
+            # A scan carry keeps one structure: the first layer adds zeros (exactly x).
+            stream = (x_btd, jnp.zeros_like(x_btd))
+            stream, cache = layers(c, defer_residual=True, name="layers")(
+                stream, cache, cos, sin, mask_bts, cache_index
+            )
+        x_btd, delta_btd = stream
         if last_only:
-            x_btd = x_btd[:, -1:]
-        x_btd = RMSNorm(c.rms_norm_eps, name="norm")(x_btd)
+            x_btd, delta_btd = x_btd[:, -1:], delta_btd[:, -1:]
+        _, x_btd = AddRMSNorm(c.rms_norm_eps, name="norm")(x_btd, delta_btd)
         if c.tie_word_embeddings:
             logits = embed.attend(x_btd)
         else:

@@ -10,6 +10,7 @@ dequantize in jnp, then ``jnp.dot``), ``"triton"``, ``"mosaic"`` (Hopper, few to
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 
@@ -24,6 +25,32 @@ def _device_kind() -> str:
     """The device kind of the default backend ("cpu" for CPU, e.g. "NVIDIA H100 80GB HBM3")."""
     dev = jax.devices()[0]
     return "cpu" if dev.platform == "cpu" else dev.device_kind
+
+
+def on_nvidia_gpu() -> bool:
+    """Whether the default device is an NVIDIA GPU (where the Triton kernels run)."""
+    return _device_kind().startswith("NVIDIA")
+
+
+def dispatch[T](implementation: str | None, backends: dict[str, Callable[[], T]]) -> T:
+    """Runs ``backends[implementation]()``; for None, ``backends["triton"]()`` on NVIDIA
+    GPUs and ``backends["xla"]()`` elsewhere or where Triton raises ``NotImplementedError``.
+
+    The small decode kernels (`pallas_kernels.attention`, `pallas_kernels.norm`) have one
+    GPU backend each and no tuned table: this is their whole dispatch.
+    """
+    if implementation is None:
+        if on_nvidia_gpu() and "triton" in backends:
+            try:
+                return backends["triton"]()
+            except NotImplementedError:
+                pass
+        return backends["xla"]()
+    if implementation not in backends:
+        raise ValueError(
+            f"implementation must be None or one of {tuple(backends)}; got {implementation!r}"
+        )
+    return backends[implementation]()
 
 
 def _run(impl: str, x_mk: jax.Array, w: Int4Weight) -> jax.Array:

@@ -1,0 +1,455 @@
+"""Decode attention: one query position per sequence over the KV cache, as a Pallas-Triton kernel.
+
+    out_bnh = decode_attention(q_bnh, k_bskh, v_bskh, valid_bs, scale=h**-0.5)
+    out_bnh, k_bskh, v_bskh = decode_attention_update(
+        q_bnh, k_new_bkh, v_new_bkh, k_bskh, v_bskh, index, valid_bs, scale=h**-0.5
+    )  # also writes this step's key and value into the cache at ``index``
+
+``q_bnh`` is the query after RoPE, N = K * G heads (query head n reads kv head n // G, as
+the model's ``[B, T, K, G, H]`` reshape says); the caches are ``[B, S, K, H]`` exactly as
+the model stores them; ``valid_bs`` marks the keys the query may see (the caller folds
+causality, left padding and a sliding window into it).
+
+Why a kernel: XLA runs batch-1 decode attention as ~8 kernels per layer (QK^T and PV as
+two cuBLAS GEMMs, softmax reductions and converts between them, one dynamic_update_slice
+fusion per cache), each costing 1.3-2.6 us whatever its size
+(docs/benchmarks/decode-profile-h100.md). This is one launch, two with a split of S.
+
+Why not jax's ``pallas.ops.gpu.decode_attention.gqa``: it wants the cache as
+``[B, K, S, H]``, a transpose of ours (a full copy of every layer's cache per decode
+step); it takes a start and a length instead of a mask (ours folds left padding, the
+causal limit and a sliding window); and it combines its split partials with XLA ops
+behind an optimization barrier.
+
+The kernel: grid ``(B, K, splits)``. A program loads its kv head's G queries once
+(padded to 16 rows: Triton's dots need 16), streams its share of the keys in blocks of
+``block_s`` rows straight out of ``[B, S, K, H]`` (a key row is H contiguous elements),
+and keeps an online softmax in f32: scores ``q k^T * scale``, exponentials relative to
+the running maximum, P rounded to the cache dtype for the PV dot (as flash attention
+does). Masked keys are never read: the caller's mask is the load mask, so cache slots
+not written yet and keys outside a sliding window cost no bandwidth. With one split the
+program writes the normalized output; with several, f32 partials (unnormalized sum,
+maximum, denominator) that a second kernel, grid ``(B, K)``, combines. S need not be a
+multiple of anything: the tail block is a masked load.
+
+A row with no valid key gives zeros (the XLA path, which masks with ``finfo.min``,
+would average all values uniformly). The model never asks for one: a decode query
+always sees its own key.
+
+`decode_attention_update` aliases the caches in and out of the kernel
+(``input_output_aliases``): the program whose key range holds ``index`` stores the new
+key and value rows, and every program uses the new rows from registers at that position,
+so no program waits on another's write. This removes the two dynamic_update_slice
+kernels per layer; like ``lax.dynamic_update_slice``, ``index`` is clamped into the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels import api
+
+__all__ = [
+    "Config",
+    "decode_attention",
+    "decode_attention_reference",
+    "decode_attention_update",
+    "decode_attention_update_reference",
+    "default_config",
+]
+
+# Triton's dots need every dimension >= 16: the G query rows of a kv head are padded.
+MIN_DOT = 16
+# The heuristic aims for this many programs (about one wave on a 132-SM H100) ...
+TARGET_PROGRAMS = 128
+# ... but gives no split fewer keys than this (a split costs a partial write and a read).
+MIN_KEYS_PER_SPLIT = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Launch parameters of the decode-attention kernel.
+
+    block_s: keys per loop step (a power of 2 >= 16).
+    splits: programs along S per (sequence, kv head); > 1 adds the combine kernel.
+      Rounded down where the last splits would get no key.
+    """
+
+    block_s: int = 64
+    splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_config(batch: int, kv_heads: int, seq: int) -> Config:
+    """Enough programs to fill the GPU at small batch, without splits of few keys."""
+    splits = min(max(1, TARGET_PROGRAMS // (batch * kv_heads)), max(1, seq // MIN_KEYS_PER_SPLIT))
+    return Config(splits=splits)
+
+
+def _is_pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def _check_shapes(q_bnh, k_bskh, v_bskh, valid_bs) -> tuple[int, int, int, int, int]:
+    """(B, S, K, G, H) of the inputs; ValueError where they do not fit together."""
+    if q_bnh.ndim != 3 or k_bskh.ndim != 4:
+        raise ValueError(
+            f"q must be [B, N, H] and k [B, S, K, H]; got {q_bnh.shape}, {k_bskh.shape}"
+        )
+    b, n, h = q_bnh.shape
+    _, s, kh, _ = k_bskh.shape
+    if k_bskh.shape != (b, s, kh, h) or v_bskh.shape != k_bskh.shape:
+        raise ValueError(
+            f"k and v must be [B={b}, S, K, H={h}] alike; got {k_bskh.shape}, {v_bskh.shape}"
+        )
+    if n % kh:
+        raise ValueError(f"{n} query heads do not group over {kh} kv heads")
+    if valid_bs.shape != (b, s):
+        raise ValueError(f"valid must be [B, S] = {(b, s)}; got {valid_bs.shape}")
+    return b, s, kh, n // kh, h
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def decode_attention_reference(
+    q_bnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, valid_bs: jax.Array, *, scale: float
+) -> jax.Array:
+    """The spec in jnp (the CPU/TPU path): the model's attention for one query position.
+
+    f32 scores, masked softmax, probabilities rounded to v's dtype before the PV product,
+    output in q's dtype; zeros where a row has no valid key.
+    """
+    b, _, kh, g, h = _check_shapes(q_bnh, k_bskh, v_bskh, valid_bs)
+    q_bkgh = q_bnh.reshape(b, kh, g, h)
+    logits = (
+        jnp.einsum(
+            "BKGH,BSKH->BKGS",
+            q_bkgh,
+            k_bskh.astype(q_bnh.dtype),
+            preferred_element_type=jnp.float32,
+        )
+        * scale
+    )
+    # 0 for masked keys, so a row with no valid key is all zeros.
+    probs = jax.nn.softmax(logits, axis=-1, where=valid_bs.astype(bool)[:, None, None, :])
+    probs = probs.astype(v_bskh.dtype)
+    out_bkgh = jnp.einsum("BKGS,BSKH->BKGH", probs, v_bskh)
+    return out_bkgh.reshape(b, kh * g, h).astype(q_bnh.dtype)
+
+
+def _write_step(k_bskh, v_bskh, k_new_bkh, v_new_bkh, index):
+    start = (0, index, 0, 0)
+    k_bskh = jax.lax.dynamic_update_slice(k_bskh, k_new_bkh[:, None].astype(k_bskh.dtype), start)
+    v_bskh = jax.lax.dynamic_update_slice(v_bskh, v_new_bkh[:, None].astype(v_bskh.dtype), start)
+    return k_bskh, v_bskh
+
+
+def decode_attention_update_reference(
+    q_bnh, k_new_bkh, v_new_bkh, k_bskh, v_bskh, index, valid_bs, *, scale: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Writes the step's key/value at ``index`` (dynamic_update_slice), then attends."""
+    k_bskh, v_bskh = _write_step(k_bskh, v_bskh, k_new_bkh, v_new_bkh, index)
+    out = decode_attention_reference(q_bnh, k_bskh, v_bskh, valid_bs, scale=scale)
+    return out, k_bskh, v_bskh
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _attention_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    valid_ref,
+    *refs,
+    g: int,
+    block_g: int,
+    seq: int,
+    keys_per_split: int,
+    scale: float,
+    cfg: Config,
+    update: bool,
+):
+    """One (sequence, kv head, split): online softmax over ``keys_per_split`` keys."""
+    if update:
+        k_new_ref, v_new_ref, index_ref, k_out_ref, v_out_ref, *out_refs = refs
+    else:
+        out_refs = refs
+    b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bs = cfg.block_s
+    rows = pl.ds(0, block_g)
+    row_ok = jnp.arange(block_g) < g
+    q = pltriton.load(q_ref.at[b, kh, rows, :], mask=row_ok[:, None], other=0)  # [bg, H]
+    h = q.shape[-1]
+    first = split * keys_per_split
+    if update:
+        index = jnp.clip(index_ref[0], 0, seq - 1)
+        k_new = k_new_ref[b, kh, :]  # [H]
+        v_new = v_new_ref[b, kh, :]
+
+        @pl.when((index >= first) & (index < first + keys_per_split))
+        def _():
+            pltriton.store(k_out_ref.at[b, index, kh, :], k_new)
+            pltriton.store(v_out_ref.at[b, index, kh, :], v_new)
+
+    def body(i, carry):
+        acc, m, l = carry  # [bg, H] f32, [bg] running max, [bg] running denominator
+        start = first + i * bs
+        keys = start + jnp.arange(bs)
+        ok = pltriton.load(valid_ref.at[b, pl.ds(start, bs)], mask=keys < seq, other=0)
+        ok = (ok != 0) & (keys < seq)
+        k = pltriton.load(k_ref.at[b, pl.ds(start, bs), kh, :], mask=ok[:, None], other=0)
+        v = pltriton.load(v_ref.at[b, pl.ds(start, bs), kh, :], mask=ok[:, None], other=0)
+        if update:
+            here = (keys == index)[:, None]
+            k = jnp.where(here, k_new[None, :], k)
+            v = jnp.where(here, v_new[None, :], v)
+        s = jax.lax.dot_general(
+            q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )  # [bg, bs]
+        s = jnp.where(ok[None, :], s * scale, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no key yet: exp(-inf - 0) = 0
+        alpha = jnp.exp(m - m_safe)
+        p = jnp.exp(s - m_safe[:, None])
+        pv = jax.lax.dot_general(
+            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )  # [bg, H]
+        return alpha[:, None] * acc + pv, m_new, alpha * l + jnp.sum(p, axis=1)
+
+    init = (
+        jnp.zeros((block_g, h), jnp.float32),
+        jnp.full((block_g,), -jnp.inf, jnp.float32),
+        jnp.zeros((block_g,), jnp.float32),
+    )
+    acc, m, l = jax.lax.fori_loop(0, keys_per_split // bs, body, init)
+    if cfg.splits == 1:
+        (o_ref,) = out_refs
+        out = acc / jnp.where(l > 0, l, 1.0)[:, None]
+        pltriton.store(o_ref.at[b, kh, rows, :], out.astype(o_ref.dtype), mask=row_ok[:, None])
+    else:
+        o_ref, m_out_ref, l_out_ref = out_refs
+        pltriton.store(o_ref.at[b, kh, split, rows, :], acc, mask=row_ok[:, None])
+        pltriton.store(m_out_ref.at[b, kh, split, rows], m, mask=row_ok)
+        pltriton.store(l_out_ref.at[b, kh, split, rows], l, mask=row_ok)
+
+
+def _combine_kernel(o_ref, m_ref, l_ref, out_ref, *, g: int, block_g: int, splits: int):
+    """One (sequence, kv head): the splits' partials merged by their maxima."""
+    b, kh = pl.program_id(0), pl.program_id(1)
+    rows = pl.ds(0, block_g)
+    row_ok = jnp.arange(block_g) < g
+
+    def body(j, carry):
+        acc, m, l = carry
+        m_j = pltriton.load(m_ref.at[b, kh, j, rows], mask=row_ok, other=-jnp.inf)
+        l_j = pltriton.load(l_ref.at[b, kh, j, rows], mask=row_ok, other=0)
+        o_j = pltriton.load(o_ref.at[b, kh, j, rows, :], mask=row_ok[:, None], other=0)
+        m_new = jnp.maximum(m, m_j)
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        a, c = jnp.exp(m - m_safe), jnp.exp(m_j - m_safe)
+        return a[:, None] * acc + c[:, None] * o_j, m_new, a * l + c * l_j
+
+    h = out_ref.shape[-1]
+    init = (
+        jnp.zeros((block_g, h), jnp.float32),
+        jnp.full((block_g,), -jnp.inf, jnp.float32),
+        jnp.zeros((block_g,), jnp.float32),
+    )
+    acc, _, l = jax.lax.fori_loop(0, splits, body, init)
+    out = acc / jnp.where(l > 0, l, 1.0)[:, None]
+    pltriton.store(out_ref.at[b, kh, rows, :], out.astype(out_ref.dtype), mask=row_ok[:, None])
+
+
+def check_supported(q_bnh, k_bskh, v_bskh, cfg: Config) -> None:
+    """Raises NotImplementedError for inputs or configs the kernel cannot run."""
+    h = q_bnh.shape[-1]
+    problems = []
+    if not (_is_pow2(h) and h >= MIN_DOT):
+        problems.append(f"head_dim={h} must be a power of 2 >= {MIN_DOT}")
+    if not (_is_pow2(cfg.block_s) and cfg.block_s >= MIN_DOT):
+        problems.append(f"block_s={cfg.block_s} must be a power of 2 >= {MIN_DOT}")
+    if cfg.splits < 1:
+        problems.append(f"splits={cfg.splits} must be >= 1")
+    if not (k_bskh.dtype == v_bskh.dtype == q_bnh.dtype):
+        problems.append(
+            f"q, k, v must share a dtype; got {q_bnh.dtype}, {k_bskh.dtype}, {v_bskh.dtype}"
+        )
+    if q_bnh.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        problems.append(f"dtype {q_bnh.dtype} is not a float the dots take")
+    if 0 in k_bskh.shape:
+        problems.append("empty input")
+    if problems:
+        raise NotImplementedError("; ".join(problems))
+
+
+def _split_keys(seq: int, cfg: Config) -> tuple[int, int]:
+    """(splits, keys per split): a whole number of blocks each, no split left empty."""
+    per = pl.cdiv(pl.cdiv(seq, cfg.splits), cfg.block_s) * cfg.block_s
+    return pl.cdiv(seq, per), per
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
+def _decode_attention_triton(
+    q_bnh: jax.Array,
+    k_bskh: jax.Array,
+    v_bskh: jax.Array,
+    valid_bs: jax.Array,
+    step: tuple[jax.Array, jax.Array, jax.Array] | None,
+    *,
+    scale: float,
+    config: Config | None,
+    interpret: bool,
+):
+    """The kernel(s); ``step = (k_new_bkh, v_new_bkh, index)`` also writes the cache."""
+    b, s, kh, g, h = _check_shapes(q_bnh, k_bskh, v_bskh, valid_bs)
+    cfg = config or default_config(b, kh, s)
+    check_supported(q_bnh, k_bskh, v_bskh, cfg)
+    splits, per = _split_keys(s, cfg)
+    cfg = dataclasses.replace(cfg, splits=splits)
+    block_g = max(MIN_DOT, pl.next_power_of_2(g))
+    q_bkgh = q_bnh.reshape(b, kh, g, h)  # a bitcast: query heads n = kh * G + g
+    operands = [q_bkgh, k_bskh, v_bskh, valid_bs]
+    out_shape = []
+    aliases = {}
+    if step is not None:
+        k_new, v_new, index = step
+        operands += [k_new, v_new, jnp.asarray(index, jnp.int32).reshape(1)]
+        out_shape += [jax.ShapeDtypeStruct(k_bskh.shape, k_bskh.dtype)] * 2
+        aliases = {1: 0, 2: 1}  # k, v caches: read and written in place
+    if splits == 1:
+        out_shape.append(jax.ShapeDtypeStruct((b, kh, g, h), q_bnh.dtype))
+    else:
+        out_shape += [
+            jax.ShapeDtypeStruct((b, kh, splits, g, h), jnp.float32),
+            jax.ShapeDtypeStruct((b, kh, splits, g), jnp.float32),
+            jax.ShapeDtypeStruct((b, kh, splits, g), jnp.float32),
+        ]
+    kernel = functools.partial(
+        _attention_kernel,
+        g=g,
+        block_g=block_g,
+        seq=s,
+        keys_per_split=per,
+        scale=scale,
+        cfg=cfg,
+        update=step is not None,
+    )
+    whole = pl.BlockSpec(memory_space=pl.ANY)
+    outs = pl.pallas_call(
+        kernel,
+        grid=(b, kh, splits),
+        in_specs=[whole] * len(operands),
+        out_specs=[whole] * len(out_shape),
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="decode_attention",
+    )(*operands)
+    caches, outs = outs[: len(aliases)], outs[len(aliases) :]
+    if splits == 1:
+        out_bkgh = outs[0]
+    else:
+        out_bkgh = pl.pallas_call(
+            functools.partial(_combine_kernel, g=g, block_g=block_g, splits=splits),
+            grid=(b, kh),
+            in_specs=[whole] * 3,
+            out_specs=whole,
+            out_shape=jax.ShapeDtypeStruct((b, kh, g, h), q_bnh.dtype),
+            compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+            interpret=interpret,
+            name="decode_attention_combine",
+        )(*outs)
+    out_bnh = out_bkgh.reshape(b, kh * g, h)
+    return (out_bnh, *caches) if step is not None else out_bnh
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def decode_attention(
+    q_bnh: jax.Array,
+    k_bskh: jax.Array,
+    v_bskh: jax.Array,
+    valid_bs: jax.Array,
+    *,
+    scale: float,
+    implementation: str | None = None,
+    config: Config | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Softmax attention of one query position per sequence over the cache: ``[B, N, H]``.
+
+    Args:
+      q_bnh: the queries after RoPE, N = K * G heads (head n reads kv head n // G).
+      k_bskh, v_bskh: the caches ``[B, S, K, H]`` (the kernel needs q's dtype).
+      valid_bs: bool or int ``[B, S]``: the keys each sequence's query may see.
+      scale: multiplies the scores (``head_dim ** -0.5``).
+      implementation: None (Triton on NVIDIA GPUs, else or where it raises
+        ``NotImplementedError``: the reference), "xla" or "triton".
+      config: the kernel's block size and splits (default: :func:`default_config`).
+      interpret: run the kernel in the Pallas interpreter (CPU tests).
+    """
+    _check_shapes(q_bnh, k_bskh, v_bskh, valid_bs)
+    kernel = functools.partial(
+        _decode_attention_triton, scale=scale, config=config, interpret=interpret
+    )
+    return api.dispatch(
+        implementation,
+        {
+            "xla": lambda: decode_attention_reference(q_bnh, k_bskh, v_bskh, valid_bs, scale=scale),
+            "triton": lambda: kernel(q_bnh, k_bskh, v_bskh, valid_bs, None),
+        },
+    )
+
+
+def decode_attention_update(
+    q_bnh: jax.Array,
+    k_new_bkh: jax.Array,
+    v_new_bkh: jax.Array,
+    k_bskh: jax.Array,
+    v_bskh: jax.Array,
+    index: jax.Array | int,
+    valid_bs: jax.Array,
+    *,
+    scale: float,
+    implementation: str | None = None,
+    config: Config | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Writes the step's key and value rows ``[B, K, H]`` at cache position ``index``
+    (a scalar, clamped into ``[0, S)`` like ``lax.dynamic_update_slice``) and attends
+    over the updated cache; returns ``(out [B, N, H], k cache, v cache)``.
+
+    The kernel updates the caches in place (no copy where XLA can donate their buffers,
+    as in the decode loop). Other arguments as for :func:`decode_attention`.
+    """
+    _check_shapes(q_bnh, k_bskh, v_bskh, valid_bs)
+    kv_shape = (k_bskh.shape[0], *k_bskh.shape[2:])
+    if k_new_bkh.shape != kv_shape or v_new_bkh.shape != kv_shape:
+        raise ValueError(
+            f"the new key/value rows must be [B, K, H] = {kv_shape}; "
+            f"got {k_new_bkh.shape}, {v_new_bkh.shape}"
+        )
+    kernel = functools.partial(
+        _decode_attention_triton, scale=scale, config=config, interpret=interpret
+    )
+    step = (k_new_bkh.astype(k_bskh.dtype), v_new_bkh.astype(v_bskh.dtype), index)
+    return api.dispatch(
+        implementation,
+        {
+            "xla": lambda: decode_attention_update_reference(
+                q_bnh, k_new_bkh, v_new_bkh, k_bskh, v_bskh, index, valid_bs, scale=scale
+            ),
+            "triton": lambda: kernel(q_bnh, k_bskh, v_bskh, valid_bs, step),
+        },
+    )

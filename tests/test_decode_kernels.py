@@ -1,0 +1,442 @@
+"""The decode-step kernels: attention over the KV cache and residual add + RMSNorm.
+
+The Triton kernels run through the Pallas interpreter on the CPU (small, awkward shapes:
+S not a power of two, GQA with 1 and 4 query heads per kv head, left padding, a sliding
+window, one and several splits of S) and compiled on a GPU (``gpu`` marker, real sizes;
+skipped without one). Attention is checked against a float64 truth written here in
+numpy, the jnp reference included; the norm against its reference; the model's decode
+step through the kernels against the XLA path, down to identical generated tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import test_generate
+
+import awq_jax.model as model_mod
+from awq_jax.generate import generate, generate_tokens
+from awq_jax.inference import prepare_for_inference
+from awq_jax.model import init_params
+from pallas_kernels import add_rms_norm, attention, decode_attention, decode_attention_update
+from pallas_kernels import norm as norm_mod
+from pallas_kernels.attention import Config
+
+HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
+
+# ||out - truth|| / ||truth|| bounds for attention. f32: the kernel's online softmax and
+# the dots reorder f32 sums (~1e-7 measured). bf16: inputs are exact in the truth, but P
+# is rounded to bf16 before the PV dot (the reference rounds normalized P, the kernel
+# unnormalized P) and the output to bf16: ~2e-3 measured (f16: 8x finer); a wrong key,
+# head or mask gives > 1e-1.
+ATTN_TOL = {jnp.float32: 1e-5, jnp.float16: 3e-3, jnp.bfloat16: 1e-2}
+# Norm outputs, elementwise and relative: the f32 sum of squares is ordered differently
+# from XLA's, which can move the rounded row by one unit of x.dtype (2^-8 in bf16), and
+# the weight product by one more.
+NORM_RTOL = {jnp.float32: 1e-6, jnp.bfloat16: 2**-7}
+
+
+def attention_truth(q_bnh, k_bskh, v_bskh, valid_bs, scale) -> np.ndarray:
+    """float64 softmax attention; rows with no valid key are zeros."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q_bnh, k_bskh, v_bskh))
+    b, n, h = q.shape
+    kh = k.shape[2]
+    q_bkgh = q.reshape(b, kh, n // kh, h)
+    s = np.einsum("bkgh,bskh->bkgs", q_bkgh, k) * scale
+    valid = np.asarray(valid_bs, bool)[:, None, None, :]
+    s = np.where(valid, s, -np.inf)
+    m = np.max(s, axis=-1, keepdims=True)
+    p = np.where(valid, np.exp(s - np.where(np.isfinite(m), m, 0)), 0)
+    l = p.sum(-1, keepdims=True)
+    out = np.einsum("bkgs,bskh->bkgh", p / np.where(l > 0, l, 1), v)
+    return out.reshape(b, n, h)
+
+
+def rel_err(out, truth: np.ndarray) -> float:
+    out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+    return float(np.linalg.norm(out - truth) / max(np.linalg.norm(truth), 1e-30))
+
+
+def decode_mask(b: int, s: int, index: int, pad: int = 0, window: int | None = None):
+    """The decode step's mask row: keys <= index, row i left-padded by i * pad keys."""
+    pos = np.arange(s)[None, :]
+    valid = (pos <= index) & (pos >= pad * np.arange(b)[:, None])
+    if window is not None:
+        valid &= pos > index - window
+    return jnp.asarray(valid)
+
+
+def random_problem(seed: int, b: int, s: int, kh: int, g: int, h: int, dtype):
+    rng = np.random.default_rng(seed)
+    draw = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)  # noqa: E731
+    return draw(b, kh * g, h), draw(b, s, kh, h), draw(b, s, kh, h), draw(b, kh, h), draw(b, kh, h)
+
+
+class _AttentionCases:
+    """Shared cases; subclasses say how to run the kernel (``run`` / ``run_update``)."""
+
+    # (B, S, K, G, H, dtype, left-pad step, sliding window, config)
+    CASES: tuple = ()
+
+    def run(self, q, k, v, valid, scale, cfg):
+        raise NotImplementedError
+
+    def run_update(self, q, k_new, v_new, k, v, index, valid, scale, cfg):
+        raise NotImplementedError
+
+    def test_matches_truth(self, case) -> None:
+        b, s, kh, g, h, dtype, pad, window, cfg = case
+        q, k, v, _, _ = random_problem(s + g, b, s, kh, g, h, dtype)
+        valid = decode_mask(b, s, s - 3, pad, window)
+        truth = attention_truth(q, k, v, valid, h**-0.5)
+        out = self.run(q, k, v, valid, h**-0.5, cfg)
+        assert out.shape == q.shape and out.dtype == dtype
+        assert rel_err(out, truth) < ATTN_TOL[dtype]
+        ref = decode_attention(q, k, v, valid, scale=h**-0.5, implementation="xla")
+        assert rel_err(ref, truth) < ATTN_TOL[dtype]
+
+    def test_update_writes_the_step(self, case) -> None:
+        b, s, kh, g, h, dtype, pad, window, cfg = case
+        q, k, v, k_new, v_new = random_problem(2 * s + g, b, s, kh, g, h, dtype)
+        index = s // 2 + 1  # not at a block edge, inside a middle split
+        valid = decode_mask(b, s, index, pad, window)
+        out, k2, v2 = self.run_update(q, k_new, v_new, k, v, index, valid, h**-0.5, cfg)
+        want_k = k.at[:, index].set(k_new)
+        want_v = v.at[:, index].set(v_new)
+        np.testing.assert_array_equal(np.asarray(k2, np.float32), np.asarray(want_k, np.float32))
+        np.testing.assert_array_equal(np.asarray(v2, np.float32), np.asarray(want_v, np.float32))
+        truth = attention_truth(q, want_k, want_v, valid, h**-0.5)
+        assert rel_err(out, truth) < ATTN_TOL[dtype]
+
+
+def _case_id(case) -> str:
+    b, s, kh, g, h, dtype, pad, window, cfg = case
+    return (
+        f"b{b}-s{s}-k{kh}-g{g}-h{h}-{jnp.dtype(dtype).name}-pad{pad}-w{window}"
+        f"-bs{cfg.block_s}-sp{cfg.splits}"
+    )
+
+
+INTERPRET_CASES = [
+    (2, 37, 2, 4, 16, jnp.float32, 0, None, Config(block_s=16)),
+    (3, 50, 2, 1, 32, jnp.bfloat16, 5, None, Config(block_s=16, splits=2)),
+    (2, 70, 1, 4, 16, jnp.bfloat16, 9, 20, Config(block_s=16, splits=3)),
+    (1, 45, 4, 2, 16, jnp.float32, 0, 7, Config(block_s=32, splits=4)),
+]
+
+
+class TestAttentionInterpret(_AttentionCases):
+    """The Triton kernels in the Pallas interpreter (CPU)."""
+
+    @pytest.fixture(params=INTERPRET_CASES, ids=[_case_id(c) for c in INTERPRET_CASES])
+    def case(self, request):
+        return request.param
+
+    def run(self, q, k, v, valid, scale, cfg):
+        kw = dict(scale=scale, implementation="triton", config=cfg, interpret=True)
+        return decode_attention(q, k, v, valid, **kw)
+
+    def run_update(self, q, k_new, v_new, k, v, index, valid, scale, cfg):
+        kw = dict(scale=scale, implementation="triton", config=cfg, interpret=True)
+        return decode_attention_update(q, k_new, v_new, k, v, index, valid, **kw)
+
+
+class TestAttentionEdges:
+    def test_row_without_keys_is_zero(self) -> None:
+        q, k, v, _, _ = random_problem(0, 2, 20, 2, 2, 16, jnp.float32)
+        valid = decode_mask(2, 20, 9).at[1].set(False)
+        for kw in (
+            dict(implementation="xla"),
+            dict(implementation="triton", interpret=True, config=Config(block_s=16, splits=2)),
+        ):
+            out = np.asarray(decode_attention(q, k, v, valid, scale=0.25, **kw))
+            assert np.all(np.isfinite(out)) and np.all(out[1] == 0)
+            assert rel_err(out[0], attention_truth(q, k, v, valid, 0.25)[0]) < 1e-5
+
+    def test_index_is_clamped_like_dynamic_update_slice(self) -> None:
+        q, k, v, k_new, v_new = random_problem(1, 1, 20, 2, 2, 16, jnp.float32)
+        valid = decode_mask(1, 20, 19)
+        cfg = Config(block_s=16, splits=2)
+        kw = dict(scale=0.25, implementation="triton", interpret=True, config=cfg)
+        _, k2, _ = decode_attention_update(q, k_new, v_new, k, v, 25, valid, **kw)
+        np.testing.assert_array_equal(k2, k.at[:, 19].set(k_new))
+
+    def test_dispatch_and_errors(self) -> None:
+        q, k, v, k_new, v_new = random_problem(2, 2, 20, 2, 2, 16, jnp.float32)
+        valid = decode_mask(2, 20, 9)
+        if not HAS_GPU:  # None is the reference off NVIDIA GPUs
+            np.testing.assert_array_equal(
+                decode_attention(q, k, v, valid, scale=0.25),
+                attention.decode_attention_reference(q, k, v, valid, scale=0.25),
+            )
+        with pytest.raises(ValueError, match="implementation"):
+            decode_attention(q, k, v, valid, scale=0.25, implementation="mosaic")
+        with pytest.raises(ValueError, match="valid"):
+            decode_attention(q, k, v, valid[:, :5], scale=0.25)
+        with pytest.raises(ValueError, match="group"):
+            decode_attention(q[:, :3], k, v, valid, scale=0.25)
+        with pytest.raises(ValueError, match=r"\[B, K, H\]"):
+            decode_attention_update(q, k_new[:, :1], v_new, k, v, 0, valid, scale=0.25)
+        q24, k24, v24, _, _ = random_problem(3, 1, 20, 2, 2, 24, jnp.float32)
+        with pytest.raises(NotImplementedError, match="head_dim"):
+            decode_attention(q24, k24, v24, valid[:1], scale=0.25, implementation="triton")
+        with pytest.raises(NotImplementedError, match="block_s"):
+            cfg = Config(block_s=48)
+            decode_attention(q, k, v, valid, scale=0.25, implementation="triton", config=cfg)
+
+    def test_default_config_fills_the_gpu(self) -> None:
+        """Batch 1 splits S (8 kv heads x 1 program would leave most SMs idle); batch
+        32 does not; short caches keep >= MIN_KEYS_PER_SPLIT keys per split."""
+        assert attention.default_config(1, 8, 4096).splits == 16
+        assert attention.default_config(1, 8, 384).splits == 1
+        assert attention.default_config(32, 8, 4096).splits == 1
+        for b, s in ((1, 384), (1, 2048), (8, 2048), (32, 4096)):
+            cfg = attention.default_config(b, 8, s)
+            assert s // cfg.splits >= attention.MIN_KEYS_PER_SPLIT or cfg.splits == 1
+
+
+def _norm_problem(seed: int, shape: tuple, dtype):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(3 * rng.standard_normal(shape), dtype)
+    delta = jnp.asarray(rng.standard_normal(shape), dtype)
+    w = jnp.asarray(rng.uniform(0.5, 1.5, shape[-1]), dtype)
+    return x, delta, w
+
+
+class _NormCases:
+    SHAPES: tuple = ((1, 64), (3, 100), (2, 3, 576))
+
+    def add_norm(self, x, delta, w, eps):
+        raise NotImplementedError
+
+    def norm(self, x, w, eps):
+        raise NotImplementedError
+
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+    def test_matches_reference(self, dtype) -> None:
+        for i, shape in enumerate(self.SHAPES):
+            x, delta, w = _norm_problem(i, shape, dtype)
+            s, y = self.add_norm(x, delta, w, 1e-5)
+            s_ref, y_ref = norm_mod.add_rms_norm_reference(x, delta, w, 1e-5)
+            assert s.dtype == y.dtype == dtype and y.shape == shape
+            np.testing.assert_array_equal(np.asarray(s, np.float32), np.asarray(s_ref, np.float32))
+            f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+            np.testing.assert_allclose(f32(y), f32(y_ref), rtol=NORM_RTOL[dtype], atol=1e-6)
+            y1 = self.norm(x, w, 1e-5)
+            y1_ref = norm_mod.rms_norm_reference(x, w, 1e-5)
+            np.testing.assert_allclose(f32(y1), f32(y1_ref), rtol=NORM_RTOL[dtype], atol=1e-6)
+
+
+class TestNormInterpret(_NormCases):
+    def add_norm(self, x, delta, w, eps):
+        return add_rms_norm(x, delta, w, eps, implementation="triton", interpret=True)
+
+    def norm(self, x, w, eps):
+        return norm_mod.rms_norm(x, w, eps, implementation="triton", interpret=True)
+
+    def test_unsupported(self) -> None:
+        x, delta, w = _norm_problem(0, (2, 64), jnp.float32)
+        with pytest.raises(NotImplementedError, match="delta"):
+            add_rms_norm(x, delta.astype(jnp.bfloat16), w, 1e-5, implementation="triton")
+        with pytest.raises(ValueError, match="weight"):
+            add_rms_norm(x, delta, w[:8], 1e-5)
+        wide = jnp.ones((1, 2 * norm_mod.MAX_WIDTH), jnp.float32)
+        with pytest.raises(NotImplementedError, match="rows"):
+            norm_mod.rms_norm(wide, wide[0], 1e-5, implementation="triton")
+        # None falls back to the reference wherever the kernel cannot run.
+        s, _ = add_rms_norm(x, delta.astype(jnp.bfloat16), w, 1e-5)
+        assert s.dtype == jnp.float32
+
+
+def test_kernels_lower_for_the_gpu() -> None:
+    """Pallas -> Triton IR lowering (what interpret mode skips) runs on any host for an
+    abstract H100; Triton's own compilation to PTX happens only on a GPU."""
+    from jax.sharding import AbstractDevice, AbstractMesh
+
+    dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    mesh = AbstractMesh((1,), ("x",), abstract_device=dev)
+    sds = jax.ShapeDtypeStruct
+    b, s, kh, g, h, bf16 = 2, 1000, 8, 4, 128, jnp.bfloat16
+    q, kv, new = sds((b, kh * g, h), bf16), sds((b, s, kh, h), bf16), sds((b, kh, h), bf16)
+    valid, index = sds((b, s), jnp.bool_), sds((), jnp.int32)
+    for cfg in (Config(splits=1), Config(block_s=32, splits=4)):
+        kw = dict(scale=h**-0.5, implementation="triton", config=cfg)
+        fn = jax.jit(functools.partial(decode_attention_update, **kw))
+        with jax.sharding.use_abstract_mesh(mesh):
+            text = fn.trace(q, new, new, kv, kv, index, valid).lower(lowering_platforms=("cuda",))
+            text = text.as_text()
+        assert text.count("__gpu$xla.gpu.triton") == (1 if cfg.splits == 1 else 2)
+        assert "output_operand_alias" in text  # the caches are written in place
+    x = sds((3, 1, 4096), bf16)
+    fn = jax.jit(lambda x, d, w: add_rms_norm(x, d, w, 1e-5, implementation="triton"))
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = fn.trace(x, x, sds((4096,), bf16)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
+
+
+# ----------------------------------------------------------------------------- the model
+
+# test_generate's tiny model, with a sliding window (one more mask the kernel must follow).
+TINY = dataclasses.replace(test_generate.TINY, sliding_window=12)
+
+
+@pytest.fixture
+def kernels_forced(monkeypatch):
+    """The model's decode attention and norms through the Triton kernels (interpreted
+    on CPU); counts the calls. ``generate_tokens`` caches compiled programs by config,
+    so its cache is cleared around the patch."""
+    calls = {"attention": 0, "norm": 0}
+    kw = dict(implementation="triton", interpret=not HAS_GPU)
+
+    def counted(fn, key):
+        def wrapped(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs, **kw)
+
+        return wrapped
+
+    monkeypatch.setattr(
+        model_mod, "decode_attention_update", counted(decode_attention_update, "attention")
+    )
+    monkeypatch.setattr(model_mod, "add_rms_norm", counted(add_rms_norm, "norm"))
+    monkeypatch.setattr(model_mod, "rms_norm", counted(norm_mod.rms_norm, "norm"))
+    generate_tokens.clear_cache()
+    yield calls
+    generate_tokens.clear_cache()
+
+
+def _xla_only(monkeypatch) -> None:
+    kw = dict(implementation="xla")
+    monkeypatch.setattr(
+        model_mod, "decode_attention_update", functools.partial(decode_attention_update, **kw)
+    )
+    monkeypatch.setattr(model_mod, "add_rms_norm", functools.partial(add_rms_norm, **kw))
+    monkeypatch.setattr(model_mod, "rms_norm", functools.partial(norm_mod.rms_norm, **kw))
+
+
+def _generate(config, params):
+    prompts = [[5, 9, 2, 77, 31, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [3, 4]]  # left pad
+    return generate(config, params, prompts, max_new_tokens=10)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _decode_logits(config, params):
+    """Prefill 8 left-padded tokens, then two decode steps: the steps' logits [2, B, V]."""
+    from awq_jax.generate import prefill
+    from awq_jax.model import Transformer, causal_mask
+
+    tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, config.vocab_size)
+    valid = jnp.ones((2, 8), bool).at[1, :3].set(False)
+    _, cache = prefill(config, params, tokens, valid, max_len=12)
+    key_valid = jnp.concatenate([valid, jnp.ones((2, 4), bool)], axis=1)
+    out = []
+    for i, tok in enumerate(([7, 3], [11, 2])):
+        mask = causal_mask(jnp.full((2, 1), 8 + i), key_valid, config.sliding_window)
+        pos = (valid.sum(-1) + i)[:, None]
+        logits, cache = Transformer(config).apply(
+            {"params": params}, jnp.asarray(tok)[:, None], pos, mask, cache, 8 + i
+        )
+        out.append(logits[:, 0])
+    return jnp.stack(out)
+
+
+@pytest.mark.parametrize(
+    "unstack",
+    [
+        pytest.param(True, id="unrolled"),
+        # The scanned layout's XLA path is covered by test_generate; through the kernels
+        # it costs 8 s of interpreter on CPU, so it runs on the GPU only.
+        pytest.param(False, id="scanned", marks=pytest.mark.skipif(not HAS_GPU, reason="GPU")),
+    ],
+)
+def test_model_decode_step_through_the_kernels(kernels_forced, unstack) -> None:
+    """One decode step's logits through the kernels equal the XLA path's (f32: 1e-5)."""
+    params = prepare_for_inference(init_params(TINY, jax.random.key(7)), unstack=unstack)
+    got = _decode_logits(TINY, params)
+    assert kernels_forced["attention"] >= 2
+    assert kernels_forced["norm"] > 0
+    with pytest.MonkeyPatch.context() as mp:
+        _xla_only(mp)
+        want = _decode_logits(TINY, params)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_generate_tokens_identical_through_the_kernels(kernels_forced) -> None:
+    params = prepare_for_inference(init_params(TINY, jax.random.key(8)))
+    got = _generate(TINY, params)
+    assert kernels_forced["attention"] > 0
+    with pytest.MonkeyPatch.context() as mp:
+        _xla_only(mp)
+        generate_tokens.clear_cache()
+        want = _generate(TINY, params)
+    assert got == want
+
+
+# ----------------------------------------------------------------------------- GPU
+
+GPU_CASES = [
+    (1, 384, 8, 4, 128, jnp.bfloat16, 0, None, Config()),
+    (1, 2048, 8, 4, 128, jnp.bfloat16, 0, None, attention.default_config(1, 8, 2048)),
+    (8, 2051, 8, 4, 128, jnp.bfloat16, 100, 1024, Config(block_s=128, splits=4)),
+    (32, 4096, 8, 4, 128, jnp.bfloat16, 7, None, attention.default_config(32, 8, 4096)),
+    (4, 777, 8, 1, 64, jnp.float32, 3, None, Config(block_s=32, splits=2)),
+    (2, 300, 2, 16, 128, jnp.float16, 0, 100, Config(block_s=64, splits=3)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+class TestAttentionGpu(_AttentionCases):
+    """The Triton kernels compiled for the GPU at the benchmark's sizes and awkward ones."""
+
+    @pytest.fixture(params=GPU_CASES, ids=[_case_id(c) for c in GPU_CASES])
+    def case(self, request):
+        return request.param
+
+    def run(self, q, k, v, valid, scale, cfg):
+        fn = functools.partial(decode_attention, scale=scale, implementation="triton", config=cfg)
+        return jax.jit(fn)(q, k, v, valid)
+
+    def run_update(self, q, k_new, v_new, k, v, index, valid, scale, cfg):
+        kw = dict(scale=scale, implementation="triton", config=cfg)
+        fn = jax.jit(functools.partial(decode_attention_update, **kw))
+        return fn(q, k_new, v_new, k, v, index, valid)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+class TestNormGpu(_NormCases):
+    SHAPES = ((1, 4096), (32, 1, 4096), (5, 8192), (3, 576))
+
+    def add_norm(self, x, delta, w, eps):
+        return jax.jit(functools.partial(add_rms_norm, eps=eps, implementation="triton"))(
+            x, delta, w
+        )
+
+    def norm(self, x, w, eps):
+        return jax.jit(functools.partial(norm_mod.rms_norm, eps=eps, implementation="triton"))(x, w)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+def test_gpu_dispatch_runs_the_kernels() -> None:
+    """On an NVIDIA GPU the defaults pick the kernels (not the reference)."""
+    q, k, v, _, _ = random_problem(0, 1, 384, 8, 4, 128, jnp.bfloat16)
+    valid = decode_mask(1, 384, 200)
+    text = jax.jit(functools.partial(decode_attention, scale=128**-0.5)).lower(q, k, v, valid)
+    assert "__gpu$xla.gpu.triton" in text.as_text()
+
+
+def test_cpu_smoke_benchmark(tmp_path) -> None:
+    """The GPU benchmark's command runs end to end on the CPU (interpreted, tiny shapes)."""
+    from pallas_kernels import bench_decode
+
+    records = bench_decode.main(["--cpu-smoke", "--out", str(tmp_path)])
+    assert (tmp_path / "decode-kernels-cpu.json").exists()
+    assert {r["kernel"] for r in records} == {"attention", "attention_update", "add_rms_norm"}
+    assert all(r["error"] is None and r["rel_err"] < 1e-2 for r in records)
