@@ -212,8 +212,13 @@ def _attention_kernel(
             here = (keys == index)[:, None]
             k = jnp.where(here, k_new[None, :], k)
             v = jnp.where(here, v_new[None, :], v)
+        # HIGHEST: f32 inputs as IEEE f32, not TF32 (no effect on bf16 / f16 inputs).
         s = jax.lax.dot_general(
-            q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+            q,
+            k,
+            (((1,), (1,)), ((), ())),
+            precision=jax.lax.Precision.HIGHEST,
+            preferred_element_type=jnp.float32,
         )  # [bg, bs]
         s = jnp.where(ok[None, :], s * scale, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -221,7 +226,11 @@ def _attention_kernel(
         alpha = jnp.exp(m - m_safe)
         p = jnp.exp(s - m_safe[:, None])
         pv = jax.lax.dot_general(
-            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+            p.astype(v.dtype),
+            v,
+            (((1,), (0,)), ((), ())),
+            precision=jax.lax.Precision.HIGHEST,
+            preferred_element_type=jnp.float32,
         )  # [bg, H]
         return alpha[:, None] * acc + pv, m_new, alpha * l + jnp.sum(p, axis=1)
 
