@@ -24,7 +24,11 @@ import jax.numpy as jnp
 
 from awq_jax.config import ModelConfig, rope_inv_freq
 from awq_jax.linear import linear
-from pallas_kernels.attention import decode_attention_update
+from pallas_kernels.attention import (
+    apply_rope,
+    decode_attention_update,
+    decode_attention_update_qkv,
+)
 from pallas_kernels.norm import add_rms_norm, rms_norm, rms_norm_reference
 
 __all__ = [
@@ -118,11 +122,8 @@ def rope_cos_sin(config: ModelConfig, positions_bt: jax.Array) -> tuple[jax.Arra
 
 
 def _apply_rope(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax.Array:
-    cos = cos_bth[:, :, None, :].astype(x_btnh.dtype)
-    sin = sin_bth[:, :, None, :].astype(x_btnh.dtype)
-    x1, x2 = jnp.split(x_btnh, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return x_btnh * cos + rotated * sin
+    # One definition shared with the decode kernel that applies RoPE itself.
+    return apply_rope(x_btnh, cos_bth[:, :, None, :], sin_bth[:, :, None, :])
 
 
 def causal_mask(
@@ -174,8 +175,19 @@ class Attention(nn.Module):
         c = self.config
         b, t, _ = x_btd.shape
         nq, nk, h = c.num_heads, c.num_kv_heads, c.head_dim
+        decode = cache is not None and t == 1
         if _has_submodule_params(self, "qkv_proj"):
             qkv = Linear((nq + 2 * nk) * h, c.qkv_bias, name="qkv_proj")(x_btd)
+            if decode and not c.qk_norm:
+                # A decode step on the fused projection: the kernel splits it into heads
+                # and applies RoPE itself. Done here, the split and RoPE are five small
+                # XLA fusions per layer (a Pallas call needs each operand materialized).
+                # Qwen3's q/k norms come between the split and RoPE: the path below.
+                out_btd, cache = _decode_step_qkv(
+                    c, qkv, cos_bth, sin_bth, mask_bts, cache, cache_index
+                )
+                out_btd = out_btd.astype(x_btd.dtype)
+                return Linear(c.hidden_size, c.o_bias, name="o_proj")(out_btd), cache
             q, k, v = jnp.split(qkv, [nq * h, (nq + nk) * h], axis=-1)
         else:
             q = Linear(nq * h, c.qkv_bias, name="q_proj")(x_btd)
@@ -190,7 +202,7 @@ class Attention(nn.Module):
         q_btnh = _apply_rope(q_btnh, cos_bth, sin_bth)
         k_btkh = _apply_rope(k_btkh, cos_bth, sin_bth)
 
-        if cache is not None and t == 1:
+        if decode:
             # A decode step: the cache write and the attention over the cache are one
             # kernel on GPU (`pallas_kernels.decode_attention_update`).
             out_bnh, k_bskh, v_bskh = decode_attention_update(
@@ -210,6 +222,32 @@ class Attention(nn.Module):
             )
         out_btd = out_btd.astype(x_btd.dtype)
         return Linear(c.hidden_size, c.o_bias, name="o_proj")(out_btd), cache
+
+
+def _decode_step_qkv(
+    c: ModelConfig,
+    qkv: jax.Array,
+    cos_bth: jax.Array,
+    sin_bth: jax.Array,
+    mask_bts: jax.Array,
+    cache: KVCache,
+    cache_index: jax.Array | int,
+) -> tuple[jax.Array, KVCache]:
+    """One decode step's attention from the fused projection ``[B, 1, (N + 2K) * H]``:
+    ``[B, 1, N * H]`` and the cache with the step's (roped) key and value written."""
+    b = qkv.shape[0]
+    out_bnh, k_bskh, v_bskh = decode_attention_update_qkv(
+        qkv.reshape(b, -1),  # free: T = 1
+        cos_bth[:, 0],
+        sin_bth[:, 0],
+        *cache,
+        cache_index,
+        mask_bts[:, 0],
+        num_heads=c.num_heads,
+        num_kv_heads=c.num_kv_heads,
+        scale=c.head_dim**-0.5,
+    )
+    return out_bnh.reshape(b, 1, -1), (k_bskh, v_bskh)
 
 
 def _attend_prompt(

@@ -4,6 +4,10 @@
     out_bnh, k_bskh, v_bskh = decode_attention_update(
         q_bnh, k_new_bkh, v_new_bkh, k_bskh, v_bskh, index, valid_bs, scale=h**-0.5
     )  # also writes this step's key and value into the cache at ``index``
+    out_bnh, k_bskh, v_bskh = decode_attention_update_qkv(
+        qkv_bf, cos_bh, sin_bh, k_bskh, v_bskh, index, valid_bs,
+        num_heads=n, num_kv_heads=k, scale=h**-0.5,
+    )  # the same from the fused q/k/v projection: split into heads and RoPE in the kernel
 
 ``q_bnh`` is the query after RoPE, N = K * G heads (query head n reads kv head n // G, as
 the model's ``[B, T, K, G, H]`` reshape says); the caches are ``[B, S, K, H]`` exactly as
@@ -41,6 +45,14 @@ always sees its own key.
 key and value rows, and every program uses the new rows from registers at that position,
 so no program waits on another's write. This removes the two dynamic_update_slice
 kernels per layer; like ``lax.dynamic_update_slice``, ``index`` is clamped into the cache.
+
+`decode_attention_update_qkv` takes the fused projection's output row as it is: a
+program loads its G query heads, its kv head's new key and value from it and applies
+RoPE to the queries and the key (`apply_rope`'s arithmetic, in the input dtype; the
+rotate-half is a second load with the halves' columns swapped, Triton having no
+concatenate). Done by XLA, the split and RoPE were five small fusions per layer (a
+Pallas call needs each operand materialized): ~6.5 us a layer on an H100. The
+attention loop is the same kernel body; only its prologue differs.
 """
 
 from __future__ import annotations
@@ -57,11 +69,14 @@ from pallas_kernels import api
 
 __all__ = [
     "Config",
+    "apply_rope",
     "decode_attention",
     "decode_attention_reference",
     "decode_attention_update",
+    "decode_attention_update_qkv",
     "decode_attention_update_reference",
     "default_config",
+    "split_qkv_heads",
 ]
 
 # Triton's dots need every dimension >= 16: the G query rows of a kv head are padded.
@@ -161,7 +176,56 @@ def decode_attention_update_reference(
     return out, k_bskh, v_bskh
 
 
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """RoPE, Hugging Face's rotate-half convention: ``x * cos + rotate_half(x) * sin`` with
+    cos and sin (broadcast against ``x [..., H]``) cast to x's dtype first, so the
+    arithmetic is x's dtype; ``rotate_half(x) = concat([-x2, x1])`` of x's halves.
+
+    The model's RoPE (``awq_jax.model``), and what the "qkv" kernel computes.
+    """
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def split_qkv_heads(
+    qkv_bf: jax.Array, cos_bh: jax.Array, sin_bh: jax.Array, *, num_heads: int, num_kv_heads: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(q_bnh, k_bkh, v_bkh)`` of a packed projection row (see
+    :func:`decode_attention_update_qkv`), RoPE applied to q and k."""
+    b, h = cos_bh.shape
+    nq, nk = num_heads, num_kv_heads
+    q, k, v = jnp.split(qkv_bf, [nq * h, (nq + nk) * h], axis=-1)
+    cos, sin = cos_bh[:, None], sin_bh[:, None]
+    q_bnh = apply_rope(q.reshape(b, nq, h), cos, sin)
+    k_bkh = apply_rope(k.reshape(b, nk, h), cos, sin)
+    return q_bnh, k_bkh, v.reshape(b, nk, h)
+
+
 # ----------------------------------------------------------------------------- kernels
+
+
+def _load_heads(ref, b, heads, mask=None, *, swap_halves: bool = False):
+    """``ref[b, heads, :]`` of a ``[B, heads, H]`` ref, ``[*heads.shape, H]``; with
+    ``swap_halves`` each head's halves trade places (``concat([x2, x1])``, by index
+    arithmetic: Triton has no concatenate)."""
+    h = ref.shape[-1]
+    cols = jnp.arange(h)
+    if swap_halves:
+        cols = (cols + h // 2) % h
+    cols = cols.reshape((1,) * heads.ndim + (h,))
+    other = None if mask is None else 0
+    return pltriton.load(ref.at[b, heads[..., None], cols], mask=mask, other=other)
+
+
+def _load_roped(ref, b, heads, cos, sin, mask=None):
+    """Heads as `_load_heads`, RoPE applied with `apply_rope`'s arithmetic: cos and sin
+    cast to x's dtype, then ``x * cos + rotate_half(x) * sin`` in that dtype."""
+    x = _load_heads(ref, b, heads, mask)
+    x_swapped = _load_heads(ref, b, heads, mask, swap_halves=True)
+    first_half = jnp.arange(x.shape[-1]) < x.shape[-1] // 2
+    rotated = jnp.where(first_half, -x_swapped, x_swapped)  # concat([-x2, x1])
+    return x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)
 
 
 def _attention_kernel(
@@ -176,24 +240,40 @@ def _attention_kernel(
     keys_per_split: int,
     scale: float,
     cfg: Config,
-    update: bool,
+    source: str,
 ):
-    """One (sequence, kv head, split): online softmax over ``keys_per_split`` keys."""
-    if update:
-        k_new_ref, v_new_ref, index_ref, k_out_ref, v_out_ref, *out_refs = refs
-    else:
-        out_refs = refs
+    """One (sequence, kv head, split): online softmax over ``keys_per_split`` keys.
+
+    ``source`` (static) says where the queries and the step's new rows come from; only
+    this prologue depends on it. "attend": ``q_ref`` ``[B, N, H]``, no new rows;
+    "update": ``q_ref`` and the new rows ``[B, K, H]``; "qkv": ``q_ref`` is the packed
+    projection ``[B, N + 2K, H]`` (q heads, k heads, v heads) with cos/sin ``[B, H]``:
+    q and the new key are roped here.
+    """
     b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    bs = cfg.block_s
+    kv_heads = k_ref.shape[2]
     rows = pl.ds(0, block_g)
     row_ok = jnp.arange(block_g) < g
-    q = pltriton.load(q_ref.at[b, kh, rows, :], mask=row_ok[:, None], other=0)  # [bg, H]
+    heads = kh * g + jnp.arange(block_g)  # this kv head's query heads
+    if source == "qkv":
+        cos_ref, sin_ref, index_ref, k_out_ref, v_out_ref, *out_refs = refs
+        cos, sin = cos_ref[b, :], sin_ref[b, :]  # [H] f32
+        q = _load_roped(q_ref, b, heads, cos, sin, row_ok[:, None])  # [bg, H]
+        k_head = kv_heads * g + kh  # after the N query heads
+        k_new = _load_roped(q_ref, b, k_head, cos, sin)  # [H]
+        v_new = q_ref[b, k_head + kv_heads, :]
+    else:
+        q = _load_heads(q_ref, b, heads, row_ok[:, None])
+        out_refs = refs
+        if source == "update":
+            k_new_ref, v_new_ref, index_ref, k_out_ref, v_out_ref, *out_refs = refs
+            k_new, v_new = k_new_ref[b, kh, :], v_new_ref[b, kh, :]
+    update = source != "attend"
+    bs = cfg.block_s
     h = q.shape[-1]
     first = split * keys_per_split
     if update:
         index = jnp.clip(index_ref[0], 0, seq - 1)
-        k_new = k_new_ref[b, kh, :]  # [H]
-        v_new = v_new_ref[b, kh, :]
 
         @pl.when((index >= first) & (index < first + keys_per_split))
         def _():
@@ -306,36 +386,41 @@ def _split_keys(seq: int, cfg: Config) -> tuple[int, int]:
     return pl.cdiv(seq, per), per
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("source", "scale", "config", "interpret"))
 def _decode_attention_triton(
-    q_bnh: jax.Array,
+    q_src: jax.Array,
     k_bskh: jax.Array,
     v_bskh: jax.Array,
     valid_bs: jax.Array,
     step: tuple[jax.Array, jax.Array, jax.Array] | None,
     *,
+    source: str,
     scale: float,
     config: Config | None,
     interpret: bool,
 ):
-    """The kernel(s); ``step = (k_new_bkh, v_new_bkh, index)`` also writes the cache."""
-    b, s, kh, g, h = _check_shapes(q_bnh, k_bskh, v_bskh, valid_bs)
+    """The kernel(s), shapes checked by the caller. ``source`` as `_attention_kernel`:
+    "attend" (``q_src`` = q ``[B, N, H]``, ``step`` None), "update" (``step = (k_new_bkh,
+    v_new_bkh, index)``) or "qkv" (``q_src`` = the projection ``[B, (N + 2K) * H]``,
+    ``step = (cos_bh, sin_bh, index)``); the last two also write the caches."""
+    b, s, kh, h = k_bskh.shape
+    q_src = q_src.reshape(b, -1, h)  # a bitcast: [B, heads, H]
+    g = (q_src.shape[1] - (2 * kh if source == "qkv" else 0)) // kh
     cfg = config or default_config(b, kh, s)
-    check_supported(q_bnh, k_bskh, v_bskh, cfg)
+    check_supported(q_src, k_bskh, v_bskh, cfg)
     splits, per = _split_keys(s, cfg)
     cfg = dataclasses.replace(cfg, splits=splits)
     block_g = max(MIN_DOT, pl.next_power_of_2(g))
-    q_bkgh = q_bnh.reshape(b, kh, g, h)  # a bitcast: query heads n = kh * G + g
-    operands = [q_bkgh, k_bskh, v_bskh, valid_bs]
+    operands = [q_src, k_bskh, v_bskh, valid_bs]
     out_shape = []
     aliases = {}
     if step is not None:
-        k_new, v_new, index = step
-        operands += [k_new, v_new, jnp.asarray(index, jnp.int32).reshape(1)]
+        *step_rows, index = step
+        operands += [*step_rows, jnp.asarray(index, jnp.int32).reshape(1)]
         out_shape += [jax.ShapeDtypeStruct(k_bskh.shape, k_bskh.dtype)] * 2
         aliases = {1: 0, 2: 1}  # k, v caches: read and written in place
     if splits == 1:
-        out_shape.append(jax.ShapeDtypeStruct((b, kh, g, h), q_bnh.dtype))
+        out_shape.append(jax.ShapeDtypeStruct((b, kh, g, h), q_src.dtype))
     else:
         out_shape += [
             jax.ShapeDtypeStruct((b, kh, splits, g, h), jnp.float32),
@@ -350,7 +435,7 @@ def _decode_attention_triton(
         keys_per_split=per,
         scale=scale,
         cfg=cfg,
-        update=step is not None,
+        source=source,
     )
     whole = pl.BlockSpec(memory_space=pl.ANY)
     outs = pl.pallas_call(
@@ -373,7 +458,7 @@ def _decode_attention_triton(
             grid=(b, kh),
             in_specs=[whole] * 3,
             out_specs=whole,
-            out_shape=jax.ShapeDtypeStruct((b, kh, g, h), q_bnh.dtype),
+            out_shape=jax.ShapeDtypeStruct((b, kh, g, h), q_src.dtype),
             compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
             interpret=interpret,
             name="decode_attention_combine",
@@ -416,7 +501,7 @@ def decode_attention(
         implementation,
         {
             "xla": lambda: decode_attention_reference(q_bnh, k_bskh, v_bskh, valid_bs, scale=scale),
-            "triton": lambda: kernel(q_bnh, k_bskh, v_bskh, valid_bs, None),
+            "triton": lambda: kernel(q_bnh, k_bskh, v_bskh, valid_bs, None, source="attend"),
         },
     )
 
@@ -459,6 +544,66 @@ def decode_attention_update(
             "xla": lambda: decode_attention_update_reference(
                 q_bnh, k_new_bkh, v_new_bkh, k_bskh, v_bskh, index, valid_bs, scale=scale
             ),
-            "triton": lambda: kernel(q_bnh, k_bskh, v_bskh, valid_bs, step),
+            "triton": lambda: kernel(q_bnh, k_bskh, v_bskh, valid_bs, step, source="update"),
+        },
+    )
+
+
+def decode_attention_update_qkv(
+    qkv_bf: jax.Array,
+    cos_bh: jax.Array,
+    sin_bh: jax.Array,
+    k_bskh: jax.Array,
+    v_bskh: jax.Array,
+    index: jax.Array | int,
+    valid_bs: jax.Array,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    scale: float,
+    implementation: str | None = None,
+    config: Config | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`decode_attention_update` fed by the fused q/k/v projection: the split into
+    heads and RoPE happen in the kernel (`split_qkv_heads` is the same in jnp).
+
+    Args:
+      qkv_bf: ``[B, (N + 2K) * H]`` in ``jnp.split(qkv, [N * H, (N + K) * H])``'s layout:
+        the N query heads, then the K key heads, then the K value heads, each H
+        contiguous; the cache's dtype.
+      cos_bh, sin_bh: the step's RoPE ``[B, H]`` (float32, frequencies repeated over the
+        two halves, as ``awq_jax.model.rope_cos_sin``).
+      num_heads, num_kv_heads: N and K.
+      Others as for :func:`decode_attention_update`; the roped key is what is cached.
+    """
+    b, _, kh, h = k_bskh.shape
+    want = (b, (num_heads + 2 * num_kv_heads) * h)
+    if qkv_bf.shape != want or kh != num_kv_heads or cos_bh.shape != (b, h):
+        raise ValueError(
+            f"qkv must be [B, (N + 2K) * H] = {want}, the caches [B, S, K={num_kv_heads}, H] "
+            f"and cos/sin [B, H]; got {qkv_bf.shape}, {k_bskh.shape}, {cos_bh.shape}"
+        )
+    if sin_bh.shape != cos_bh.shape or h % 2:
+        raise ValueError(f"sin must be cos's shape {cos_bh.shape}, H even; got {sin_bh.shape}")
+    q_shape = jax.ShapeDtypeStruct((b, num_heads, h), qkv_bf.dtype)
+    _check_shapes(q_shape, k_bskh, v_bskh, valid_bs)
+    kernel = functools.partial(
+        _decode_attention_triton, scale=scale, config=config, interpret=interpret
+    )
+    step = (cos_bh, sin_bh, index)
+    heads = dict(num_heads=num_heads, num_kv_heads=num_kv_heads)
+    return api.dispatch(
+        implementation,
+        {
+            "xla": lambda: decode_attention_update_reference(
+                *split_qkv_heads(qkv_bf, cos_bh, sin_bh, **heads),
+                k_bskh,
+                v_bskh,
+                index,
+                valid_bs,
+                scale=scale,
+            ),
+            "triton": lambda: kernel(qkv_bf, k_bskh, v_bskh, valid_bs, step, source="qkv"),
         },
     )

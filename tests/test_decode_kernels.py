@@ -4,14 +4,17 @@ The Triton kernels run through the Pallas interpreter on the CPU (small, awkward
 S not a power of two, GQA with 1 and 4 query heads per kv head, left padding, a sliding
 window, one and several splits of S) and compiled on a GPU (``gpu`` marker, real sizes;
 skipped without one). Attention is checked against a float64 truth written here in
-numpy, the jnp reference included; the norm against its reference; the model's decode
-step through the kernels against the XLA path, down to identical generated tokens.
+numpy, the jnp reference included, and the variant fed by the fused q/k/v projection
+(split and RoPE in the kernel) also against the split-then-RoPE path; the norm against
+its reference; the model's decode step through the kernels against the XLA path, down
+to identical generated tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +25,10 @@ import test_generate
 import awq_jax.model as model_mod
 from awq_jax.generate import generate, generate_tokens
 from awq_jax.inference import prepare_for_inference
-from awq_jax.model import init_params
+from awq_jax.model import init_params, rope_cos_sin
 from pallas_kernels import add_rms_norm, attention, decode_attention, decode_attention_update
 from pallas_kernels import norm as norm_mod
-from pallas_kernels.attention import Config
+from pallas_kernels.attention import Config, decode_attention_update_qkv
 
 HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
 
@@ -39,6 +42,13 @@ ATTN_TOL = {jnp.float32: 1e-5, jnp.float16: 3e-3, jnp.bfloat16: 1e-2}
 # from XLA's, which can move the rounded row by one unit of x.dtype (2^-8 in bf16), and
 # the weight product by one more.
 NORM_RTOL = {jnp.float32: 1e-6, jnp.bfloat16: 2**-7}
+
+
+def rope_tol(dtype) -> float:
+    """||roped - truth|| / ||truth|| bound: rounding cos, sin, the products and the sum
+    to ``dtype`` gives ~0.35 units of its epsilon (measured); a wrong half, sign or head
+    gives ~1."""
+    return 2.0 ** (1 - jnp.finfo(dtype).nmant)
 
 
 def attention_truth(q_bnh, k_bskh, v_bskh, valid_bs, scale) -> np.ndarray:
@@ -55,6 +65,12 @@ def attention_truth(q_bnh, k_bskh, v_bskh, valid_bs, scale) -> np.ndarray:
     l = p.sum(-1, keepdims=True)
     out = np.einsum("bkgs,bskh->bkgh", p / np.where(l > 0, l, 1), v)
     return out.reshape(b, n, h)
+
+
+def rope_truth(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """float64 RoPE, rotate-half convention: ``x * cos + concat([-x2, x1]) * sin``."""
+    x1, x2 = np.split(x, 2, axis=-1)
+    return x * cos + np.concatenate([-x2, x1], axis=-1) * sin
 
 
 def rel_err(out, truth: np.ndarray) -> float:
@@ -77,6 +93,25 @@ def random_problem(seed: int, b: int, s: int, kh: int, g: int, h: int, dtype):
     return draw(b, kh * g, h), draw(b, s, kh, h), draw(b, s, kh, h), draw(b, kh, h), draw(b, kh, h)
 
 
+def random_qkv_problem(seed: int, b: int, s: int, kh: int, g: int, h: int, dtype, pos):
+    """A packed projection row ``[B, (N + 2K) * H]``, the model's cos/sin ``[B, H]`` at
+    positions ``pos`` [B], and k/v caches."""
+    rng = np.random.default_rng(seed)
+    draw = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)  # noqa: E731
+    cos, sin = rope_cos_sin(dataclasses.replace(TINY, head_dim=h), jnp.asarray(pos)[:, None])
+    return (
+        draw(b, (kh * g + 2 * kh) * h),
+        cos[:, 0],
+        sin[:, 0],
+        draw(b, s, kh, h),
+        draw(b, s, kh, h),
+    )
+
+
+def f32(a) -> np.ndarray:
+    return np.asarray(jnp.asarray(a, jnp.float32))
+
+
 @pytest.fixture
 def on_cpu():
     """The interpreter's tests run on the CPU also on a GPU host, where f32 dots default
@@ -96,6 +131,12 @@ class _AttentionCases:
 
     def run_update(self, q, k_new, v_new, k, v, index, valid, scale, cfg):
         raise NotImplementedError
+
+    def run_qkv(self, qkv, cos, sin, k, v, index, valid, heads, scale, cfg):
+        raise NotImplementedError
+
+    # Whether the qkv kernel's bf16 RoPE is asserted bit-equal to the split path's.
+    BF16_ROPE_EXACT = False
 
     def test_matches_truth(self, case) -> None:
         b, s, kh, g, h, dtype, pad, window, cfg = case
@@ -121,6 +162,39 @@ class _AttentionCases:
         truth = attention_truth(q, want_k, want_v, valid, h**-0.5)
         assert rel_err(out, truth) < ATTN_TOL[dtype]
 
+    def test_qkv_matches_truth_and_the_split_path(self, qkv_case) -> None:
+        """decode_attention_update_qkv: the roped key and the value written at ``index``,
+        attention against the float64 truth (RoPE in numpy) and against the split path
+        (split_qkv_heads, the model's split + RoPE, then decode_attention_update)."""
+        b, s, kh, g, h, dtype, pad, window, cfg = qkv_case
+        n, index = kh * g, s // 2 + 1
+        pos = 1000 + index - pad * np.arange(b)  # each row's real position
+        qkv, cos, sin, k, v = random_qkv_problem(3 * s + h, b, s, kh, g, h, dtype, pos)
+        valid = decode_mask(b, s, index, pad, window)
+        heads = dict(num_heads=n, num_kv_heads=kh)
+        got = self.run_qkv(qkv, cos, sin, k, v, index, valid, heads, h**-0.5, cfg)
+        out, k2, v2 = got
+        assert out.shape == (b, n, h) and out.dtype == dtype
+
+        x = np.asarray(jnp.asarray(qkv, jnp.float32), np.float64).reshape(b, n + 2 * kh, h)
+        cs = [np.asarray(a, np.float64)[:, None] for a in (cos, sin)]
+        q_t, k_t, v_t = rope_truth(x[:, :n], *cs), rope_truth(x[:, n : n + kh], *cs), x[:, n + kh :]
+        want_k, want_v = np.array(f32(k), np.float64), np.array(f32(v), np.float64)
+        want_k[:, index], want_v[:, index] = k_t, v_t
+        np.testing.assert_array_equal(f32(v2), want_v)
+        np.testing.assert_array_equal(np.delete(f32(k2), index, 1), np.delete(want_k, index, 1))
+        assert rel_err(k2[:, index], k_t) < rope_tol(dtype)
+        assert rel_err(out, attention_truth(q_t, want_k, want_v, valid, h**-0.5)) < ATTN_TOL[dtype]
+
+        q, k_new, v_new = attention.split_qkv_heads(qkv, cos, sin, **heads)
+        want = self.run_update(q, k_new, v_new, k, v, index, valid, h**-0.5, cfg)
+        if dtype == jnp.bfloat16 and self.BF16_ROPE_EXACT:
+            for a, w in zip(got, want, strict=True):
+                np.testing.assert_array_equal(f32(a), f32(w))
+        else:  # the RoPE's products and sums may be rounded (or fused) differently
+            assert rel_err(k2[:, index], f32(want[1][:, index])) < rope_tol(dtype)
+            assert rel_err(out, f32(want[0])) < ATTN_TOL[dtype]
+
 
 def _case_id(case) -> str:
     b, s, kh, g, h, dtype, pad, window, cfg = case
@@ -136,14 +210,26 @@ INTERPRET_CASES = [
     (2, 70, 1, 4, 16, jnp.bfloat16, 9, 20, Config(block_s=16, splits=3)),
     (1, 45, 4, 2, 16, jnp.float32, 0, 7, Config(block_s=32, splits=4)),
 ]
+# The qkv variant at the real head sizes, bf16 (the GPU cases add f32 and f16).
+QKV_INTERPRET_CASES = [
+    (2, 37, 2, 4, 64, jnp.bfloat16, 0, None, Config(block_s=16)),
+    (3, 50, 1, 2, 128, jnp.bfloat16, 5, 20, Config(block_s=16, splits=3)),
+]
 
 
 @pytest.mark.usefixtures("on_cpu")
 class TestAttentionInterpret(_AttentionCases):
     """The Triton kernels in the Pallas interpreter (CPU)."""
 
+    # Interpreted, both paths' RoPE is XLA's CPU arithmetic: bf16 rounds every op alike.
+    BF16_ROPE_EXACT = True
+
     @pytest.fixture(params=INTERPRET_CASES, ids=[_case_id(c) for c in INTERPRET_CASES])
     def case(self, request):
+        return request.param
+
+    @pytest.fixture(params=QKV_INTERPRET_CASES, ids=[_case_id(c) for c in QKV_INTERPRET_CASES])
+    def qkv_case(self, request):
         return request.param
 
     def run(self, q, k, v, valid, scale, cfg):
@@ -153,6 +239,10 @@ class TestAttentionInterpret(_AttentionCases):
     def run_update(self, q, k_new, v_new, k, v, index, valid, scale, cfg):
         kw = dict(scale=scale, implementation="triton", config=cfg, interpret=True)
         return decode_attention_update(q, k_new, v_new, k, v, index, valid, **kw)
+
+    def run_qkv(self, qkv, cos, sin, k, v, index, valid, heads, scale, cfg):
+        kw = dict(scale=scale, implementation="triton", config=cfg, interpret=True, **heads)
+        return decode_attention_update_qkv(qkv, cos, sin, k, v, index, valid, **kw)
 
 
 @pytest.mark.usefixtures("on_cpu")
@@ -198,6 +288,27 @@ class TestAttentionEdges:
         with pytest.raises(NotImplementedError, match="block_s"):
             cfg = Config(block_s=48)
             decode_attention(q, k, v, valid, scale=0.25, implementation="triton", config=cfg)
+
+    def test_qkv_dispatch_and_errors(self) -> None:
+        qkv, cos, sin, k, v = random_qkv_problem(4, 2, 20, 2, 2, 16, jnp.float32, [3, 9])
+        valid = decode_mask(2, 20, 9)
+        heads = dict(num_heads=4, num_kv_heads=2)
+        args = (qkv, cos, sin, k, v, 9, valid)
+        if not HAS_GPU:  # None is the reference off NVIDIA GPUs
+            want = attention.decode_attention_update_reference(
+                *attention.split_qkv_heads(qkv, cos, sin, **heads), k, v, 9, valid, scale=0.25
+            )
+            got = decode_attention_update_qkv(*args, scale=0.25, **heads)
+            for a, w in zip(got, want, strict=True):
+                np.testing.assert_array_equal(a, w)
+        for bad in (dict(num_heads=2, num_kv_heads=2), dict(num_heads=6, num_kv_heads=1)):
+            with pytest.raises(ValueError, match=r"\[B, \(N \+ 2K\) \* H\]"):
+                decode_attention_update_qkv(*args, scale=0.25, **bad)
+        with pytest.raises(ValueError, match="cos"):
+            decode_attention_update_qkv(qkv, cos, sin[:1], *args[3:], scale=0.25, **heads)
+        with pytest.raises(ValueError, match="group"):
+            qkv3 = jnp.zeros((2, (3 + 4) * 16))
+            decode_attention_update_qkv(qkv3, *args[1:], scale=0.25, num_heads=3, num_kv_heads=2)
 
     def test_default_config_fills_the_gpu(self) -> None:
         """Batch 1 splits S (8 kv heads x 1 program would leave most SMs idle); batch
@@ -283,6 +394,19 @@ def test_kernels_lower_for_the_gpu() -> None:
             text = text.as_text()
         assert text.count("__gpu$xla.gpu.triton") == (1 if cfg.splits == 1 else 2)
         assert "output_operand_alias" in text  # the caches are written in place
+    # The qkv variant: the kernels and bitcasts only (no XLA slice or RoPE fusion left).
+    for hd, cfg in ((128, Config(splits=1)), (64, Config(block_s=32, splits=4))):
+        kw = dict(scale=hd**-0.5, implementation="triton", config=cfg, num_heads=kh * g)
+        fn = jax.jit(functools.partial(decode_attention_update_qkv, num_kv_heads=kh, **kw))
+        qkv, cos = sds((b, (kh * g + 2 * kh) * hd), bf16), sds((b, hd), jnp.float32)
+        kv = sds((b, s, kh, hd), bf16)
+        with jax.sharding.use_abstract_mesh(mesh):
+            text = fn.trace(qkv, cos, cos, kv, kv, index, valid).lower(lowering_platforms=("cuda",))
+            text = text.as_text()
+        assert text.count("__gpu$xla.gpu.triton") == (1 if cfg.splits == 1 else 2)
+        assert "output_operand_alias" in text
+        ops = set(re.findall(r"stablehlo\.(\w+)", text)) - {"output_operand_alias", "mesh"}
+        assert ops == {"custom_call", "reshape"}, ops
     x = sds((3, 1, 4096), bf16)
     fn = jax.jit(lambda x, d, w: add_rms_norm(x, d, w, 1e-5, implementation="triton"))
     with jax.sharding.use_abstract_mesh(mesh):
@@ -293,7 +417,10 @@ def test_kernels_lower_for_the_gpu() -> None:
 # ----------------------------------------------------------------------------- the model
 
 # test_generate's tiny model, with a sliding window (one more mask the kernel must follow).
+# Its fused q/k/v projection feeds decode_attention_update_qkv on decode steps.
 TINY = dataclasses.replace(test_generate.TINY, sliding_window=12)
+# Qwen3's q/k norms sit between the split and RoPE: decode_attention_update is used.
+TINY_QK_NORM = dataclasses.replace(TINY, qk_norm=True, num_layers=1)
 
 
 @pytest.fixture
@@ -301,7 +428,7 @@ def kernels_forced(monkeypatch):
     """The model's decode attention and norms through the Triton kernels (interpreted
     on CPU); counts the calls. ``generate_tokens`` caches compiled programs by config,
     so its cache is cleared around the patch."""
-    calls = {"attention": 0, "norm": 0}
+    calls = {"attention": 0, "attention_qkv": 0, "norm": 0}
     kw = dict(implementation="triton", interpret=not HAS_GPU)
 
     def counted(fn, key):
@@ -314,6 +441,11 @@ def kernels_forced(monkeypatch):
     monkeypatch.setattr(
         model_mod, "decode_attention_update", counted(decode_attention_update, "attention")
     )
+    monkeypatch.setattr(
+        model_mod,
+        "decode_attention_update_qkv",
+        counted(decode_attention_update_qkv, "attention_qkv"),
+    )
     monkeypatch.setattr(model_mod, "add_rms_norm", counted(add_rms_norm, "norm"))
     monkeypatch.setattr(model_mod, "rms_norm", counted(norm_mod.rms_norm, "norm"))
     generate_tokens.clear_cache()
@@ -323,10 +455,12 @@ def kernels_forced(monkeypatch):
 
 def _xla_only(monkeypatch) -> None:
     kw = dict(implementation="xla")
-    monkeypatch.setattr(
-        model_mod, "decode_attention_update", functools.partial(decode_attention_update, **kw)
-    )
-    monkeypatch.setattr(model_mod, "add_rms_norm", functools.partial(add_rms_norm, **kw))
+    for name, fn in (
+        ("decode_attention_update", decode_attention_update),
+        ("decode_attention_update_qkv", decode_attention_update_qkv),
+        ("add_rms_norm", add_rms_norm),
+    ):
+        monkeypatch.setattr(model_mod, name, functools.partial(fn, **kw))
     monkeypatch.setattr(model_mod, "rms_norm", functools.partial(norm_mod.rms_norm, **kw))
 
 
@@ -357,6 +491,13 @@ def _decode_logits(config, params):
 
 
 @pytest.mark.parametrize(
+    "config, attention_fn",
+    [
+        pytest.param(TINY, "attention_qkv", id="fused-qkv"),
+        pytest.param(TINY_QK_NORM, "attention", id="qk-norm"),
+    ],
+)
+@pytest.mark.parametrize(
     "unstack",
     [
         pytest.param(True, id="unrolled"),
@@ -365,22 +506,26 @@ def _decode_logits(config, params):
         pytest.param(False, id="scanned", marks=pytest.mark.skipif(not HAS_GPU, reason="GPU")),
     ],
 )
-def test_model_decode_step_through_the_kernels(kernels_forced, unstack) -> None:
-    """One decode step's logits through the kernels equal the XLA path's (f32: 1e-5)."""
-    params = prepare_for_inference(init_params(TINY, jax.random.key(7)), unstack=unstack)
-    got = _decode_logits(TINY, params)
-    assert kernels_forced["attention"] >= 2
+def test_model_decode_step_through_the_kernels(
+    kernels_forced, unstack, config, attention_fn
+) -> None:
+    """One decode step's logits through the kernels equal the XLA path's (f32: 1e-5);
+    the attention kernel is the one the params' layout and the config call for."""
+    params = prepare_for_inference(init_params(config, jax.random.key(7)), unstack=unstack)
+    got = _decode_logits(config, params)
+    other = ({"attention", "attention_qkv"} - {attention_fn}).pop()
+    assert kernels_forced[attention_fn] >= 2 and kernels_forced[other] == 0
     assert kernels_forced["norm"] > 0
     with pytest.MonkeyPatch.context() as mp:
         _xla_only(mp)
-        want = _decode_logits(TINY, params)
+        want = _decode_logits(config, params)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 def test_generate_tokens_identical_through_the_kernels(kernels_forced) -> None:
     params = prepare_for_inference(init_params(TINY, jax.random.key(8)))
     got = _generate(TINY, params)
-    assert kernels_forced["attention"] > 0
+    assert kernels_forced["attention_qkv"] > 0
     with pytest.MonkeyPatch.context() as mp:
         _xla_only(mp)
         generate_tokens.clear_cache()
@@ -409,6 +554,10 @@ class TestAttentionGpu(_AttentionCases):
     def case(self, request):
         return request.param
 
+    @pytest.fixture(params=GPU_CASES, ids=[_case_id(c) for c in GPU_CASES])
+    def qkv_case(self, request):
+        return request.param
+
     def run(self, q, k, v, valid, scale, cfg):
         fn = functools.partial(decode_attention, scale=scale, implementation="triton", config=cfg)
         return jax.jit(fn)(q, k, v, valid)
@@ -417,6 +566,11 @@ class TestAttentionGpu(_AttentionCases):
         kw = dict(scale=scale, implementation="triton", config=cfg)
         fn = jax.jit(functools.partial(decode_attention_update, **kw))
         return fn(q, k_new, v_new, k, v, index, valid)
+
+    def run_qkv(self, qkv, cos, sin, k, v, index, valid, heads, scale, cfg):
+        kw = dict(scale=scale, implementation="triton", config=cfg, **heads)
+        fn = jax.jit(functools.partial(decode_attention_update_qkv, **kw))
+        return fn(qkv, cos, sin, k, v, index, valid)
 
 
 @pytest.mark.gpu
