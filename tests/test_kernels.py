@@ -231,6 +231,26 @@ class TestMosaicInterpret(_Int4MatmulCases):
             )
             assert "mosaic_gpu" in fn.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
 
+    def test_stream_probes_lower_for_the_gpu(self) -> None:
+        """Every probe of `pallas_kernels.stream_probe` (load-only, dequant-only, mma-only
+        pipelines at dispatch's grid) lowers to Mosaic GPU, so the tool stays runnable."""
+        from pallas_kernels import stream_probe
+
+        k, n, g = 2048, 1024, 128
+        x = jax.ShapeDtypeStruct((1, k), jnp.bfloat16)
+        sz = jax.ShapeDtypeStruct((k // g, n), jnp.float16)
+        probes = stream_probe.probes(k, n, g)
+        assert {p.body for p in probes} == {"none", "dequant", "mma", "mma1"}
+        for p in probes:
+            rows = (n // 64, k // p.block_k, 64, p.block_k // 8) if p.layout == "tiles" else None
+            w = jax.ShapeDtypeStruct(rows or (n, k // 8), jnp.uint32)
+            fn = jax.jit(
+                lambda x, w, s, z, p=p: stream_probe.run_probe(x, w, s, z, p=p, k=k, n=n, g=g)
+            )
+            assert (
+                "mosaic_gpu" in fn.trace(x, w, sz, sz).lower(lowering_platforms=("cuda",)).as_text()
+            )
+
     def test_unsupported_raises(self) -> None:
         rng = np.random.default_rng(0)
         u4, _ = random_weight(rng, 256, 64, 64, fmt="u4_split")
