@@ -81,10 +81,12 @@ __all__ = [
 
 # Triton's dots need every dimension >= 16: the G query rows of a kv head are padded.
 MIN_DOT = 16
-# The heuristic aims for this many programs (about one wave on a 132-SM H100) ...
-TARGET_PROGRAMS = 128
+# The heuristic aims for this many programs (about two per SM of a 132-SM H100) ...
+TARGET_PROGRAMS = 256
 # ... but gives no split fewer keys than this (a split costs a partial write and a read).
 MIN_KEYS_PER_SPLIT = 256
+# Up to this many programs without splits, steps of 128 keys instead of 64.
+FEW_PROGRAMS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,9 +105,19 @@ class Config:
 
 
 def default_config(batch: int, kv_heads: int, seq: int) -> Config:
-    """Enough programs to fill the GPU at small batch, without splits of few keys."""
-    splits = min(max(1, TARGET_PROGRAMS // (batch * kv_heads)), max(1, seq // MIN_KEYS_PER_SPLIT))
-    return Config(splits=splits)
+    """Enough programs to fill the GPU at small batch, without splits of few keys; few
+    unsplit programs step 128 keys at a time.
+
+    Fitted to the H100 sweep (run 39, docs/benchmarks/decode-kernels-h100.md; 8 kv
+    heads, us): batch 8 takes 4 splits (S = 2048 / 4096: 28.3 / 50.0 against 30.7 /
+    56.2 with 2), batch 1 at S = 384 one split of 128-key steps (6.9 against 8.5 with
+    64), batch 1 at 2048 / 4096 8 / 16 splits, batch 32 none (its 256 programs fill the
+    GPU; 128-key steps were slower there: 22.9 against 19.9 at S = 384).
+    """
+    programs = batch * kv_heads
+    splits = min(max(1, TARGET_PROGRAMS // programs), max(1, seq // MIN_KEYS_PER_SPLIT))
+    block_s = 128 if splits == 1 and programs <= FEW_PROGRAMS else 64
+    return Config(block_s=block_s, splits=splits)
 
 
 def _is_pow2(v: int) -> bool:

@@ -314,8 +314,9 @@ class TestAttentionEdges:
         """Batch 1 splits S (8 kv heads x 1 program would leave most SMs idle); batch
         32 does not; short caches keep >= MIN_KEYS_PER_SPLIT keys per split."""
         assert attention.default_config(1, 8, 4096).splits == 16
-        assert attention.default_config(1, 8, 384).splits == 1
-        assert attention.default_config(32, 8, 4096).splits == 1
+        assert attention.default_config(1, 8, 384) == Config(block_s=128, splits=1)
+        assert attention.default_config(8, 8, 2048) == Config(block_s=64, splits=4)
+        assert attention.default_config(32, 8, 4096) == Config(block_s=64, splits=1)
         for b, s in ((1, 384), (1, 2048), (8, 2048), (32, 4096)):
             cfg = attention.default_config(b, 8, s)
             assert s // cfg.splits >= attention.MIN_KEYS_PER_SPLIT or cfg.splits == 1
