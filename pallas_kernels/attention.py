@@ -50,9 +50,10 @@ kernels per layer; like ``lax.dynamic_update_slice``, ``index`` is clamped into 
 program loads its G query heads, its kv head's new key and value from it and applies
 RoPE to the queries and the key (`apply_rope`'s arithmetic, in the input dtype; the
 rotate-half is a second load with the halves' columns swapped, Triton having no
-concatenate). Done by XLA, the split and RoPE were five small fusions per layer (a
-Pallas call needs each operand materialized): ~6.5 us a layer on an H100. The
-attention loop is the same kernel body; only its prologue differs.
+concatenate). Done by XLA, RoPE was two fusions per layer whose outputs a Pallas call
+needs materialized: ~2.3 us a layer on an H100 (2,800 -> 2,728 us per decoded token,
+docs/benchmarks/decode-profile-h100.md). The attention loop is the same kernel body;
+only its prologue differs.
 """
 
 from __future__ import annotations
