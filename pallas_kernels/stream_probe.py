@@ -177,11 +177,16 @@ def probes(k: int, n: int, g: int) -> list[Probe]:
     return out
 
 
+def weight_shape(p: Probe, k: int, n: int) -> tuple[int, ...]:
+    """The probe's uint32 weight words: ``[N, K/8]`` rows, or contiguous 64-row tiles."""
+    if p.layout == "tiles":
+        return (n // ROWS, k // p.block_k, ROWS, p.block_k // 8)
+    return (n, k // 8)
+
+
 def _weights(p: Probe, k: int, n: int, count: int, key) -> list:
-    shape = (n // ROWS, k // p.block_k, ROWS, p.block_k // 8) if p.layout == "tiles" else None
-    shape = shape or (n, k // 8)
     keys = jax.random.split(key, count)
-    return [jax.random.bits(kk, shape, jnp.uint32) for kk in keys]
+    return [jax.random.bits(kk, weight_shape(p, k, n), jnp.uint32) for kk in keys]
 
 
 def ncu_target(k: int, n: int, g: int) -> None:

@@ -242,8 +242,7 @@ class TestMosaicInterpret(_Int4MatmulCases):
         probes = stream_probe.probes(k, n, g)
         assert {p.body for p in probes} == {"none", "dequant", "mma", "mma1"}
         for p in probes:
-            rows = (n // 64, k // p.block_k, 64, p.block_k // 8) if p.layout == "tiles" else None
-            w = jax.ShapeDtypeStruct(rows or (n, k // 8), jnp.uint32)
+            w = jax.ShapeDtypeStruct(stream_probe.weight_shape(p, k, n), jnp.uint32)
             fn = jax.jit(
                 lambda x, w, s, z, p=p: stream_probe.run_probe(x, w, s, z, p=p, k=k, n=n, g=g)
             )
