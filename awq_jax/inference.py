@@ -3,7 +3,10 @@
 `prepare_for_inference` rewrites a params pytree (float or quantized) once, at load time:
 
 - q/k/v become one ``qkv_proj`` and gate/up one ``gate_up_proj`` (one matmul, one kernel
-  launch each instead of three / two); the model picks the fused layout up by itself;
+  launch each instead of three / two); the model picks the fused layout up by itself. 4-bit
+  gate/up (no biases) are interleaved instead of concatenated and their `Int4Linear` carries
+  ``epilogue="swiglu"``: the kernel returns ``silu(gate) * up`` itself (on the H100 the decode
+  kernel computes it from its accumulators: one XLA multiply fewer per layer and step);
 - every `QuantizedTensor` kernel (4-bit) becomes an `Int4Linear`: the weight repacked by
   `pallas_kernels.prepare_weight` into the kernels' layout, so `awq_jax.linear.linear` routes
   it to `pallas_kernels.int4_matmul` (Pallas kernels on GPU, the jnp reference elsewhere);
@@ -37,14 +40,19 @@ class Int4Linear:
 
     ``implementation`` is static (part of the pytree structure), so changing it retraces
     instead of silently reusing a compiled function: None = dispatch, or "xla", "triton",
-    "mosaic", "mosaic_ws" (see `pallas_kernels.int4_matmul`).
+    "mosaic", "mosaic_ws" (see `pallas_kernels.int4_matmul`). ``epilogue`` (static too) is
+    None or "swiglu" (`pallas_kernels.int4_matmul`'s argument of that name).
     """
 
     weight: Any  # pallas_kernels.Int4Weight
     implementation: str | None = dataclasses.field(default=None, metadata={"static": True})
+    # "swiglu": the weight is gate/up interleaved and the linear returns silu(gate) * up.
+    epilogue: str | None = dataclasses.field(default=None, metadata={"static": True})
 
 
-def _to_int4(qt: QuantizedTensor, implementation: str | None) -> Int4Linear:
+def _to_int4(
+    qt: QuantizedTensor, implementation: str | None, epilogue: str | None = None
+) -> Int4Linear:
     from pallas_kernels import prepare_weight
     from pallas_kernels.layout import format_for
 
@@ -54,7 +62,7 @@ def _to_int4(qt: QuantizedTensor, implementation: str | None) -> Int4Linear:
     prepare = lambda q, s, z: prepare_weight(q, s, z, group_size=qt.group_size, fmt=fmt)  # noqa: E731
     for _ in range(qt.q.ndim - 2):  # stacked layers: map over the leading axes
         prepare = jax.vmap(prepare)
-    return Int4Linear(prepare(qt.q, qt.scales, qt.zeros), implementation)
+    return Int4Linear(prepare(qt.q, qt.scales, qt.zeros), implementation, epilogue)
 
 
 def _concat_out(*leaves: Any) -> Any:
@@ -77,6 +85,25 @@ def _fuse(mods: dict[str, Any], names: tuple[str, ...], fused: str) -> dict[str,
     return out
 
 
+def _fuse_swiglu(mlp: dict[str, Any], implementation: str | None) -> dict[str, Any] | None:
+    """4-bit gate/up without biases -> one ``gate_up_proj`` `Int4Linear` whose columns
+    are interleaved (`pallas_kernels.layout.interleave_gate_up`) and whose linear returns
+    ``silu(gate) * up``; None where that does not apply (the caller concatenates)."""
+    from pallas_kernels.layout import interleave_gate_up
+
+    parts = [mlp.get(n) for n in ("gate_proj", "up_proj")]
+    if any(p is None or set(p) != {"kernel"} for p in parts):
+        return None
+    gate, up = (p["kernel"] for p in parts)
+    if not all(isinstance(t, QuantizedTensor) and t.bits == 4 for t in (gate, up)) or (
+        gate.group_size != up.group_size
+    ):
+        return None
+    fused = jax.tree.map(interleave_gate_up, gate, up)
+    rest = {k: v for k, v in mlp.items() if k not in ("gate_proj", "up_proj")}
+    return {**rest, "gate_up_proj": {"kernel": _to_int4(fused, implementation, "swiglu")}}
+
+
 def prepare_for_inference(
     params: Params,
     *,
@@ -88,7 +115,9 @@ def prepare_for_inference(
     layers = dict(params["layers"])
     if fuse:
         layers["self_attn"] = _fuse(layers["self_attn"], ("q_proj", "k_proj", "v_proj"), "qkv_proj")
-        layers["mlp"] = _fuse(layers["mlp"], ("gate_proj", "up_proj"), "gate_up_proj")
+        layers["mlp"] = _fuse_swiglu(layers["mlp"], implementation) or _fuse(
+            layers["mlp"], ("gate_proj", "up_proj"), "gate_up_proj"
+        )
 
     def convert(leaf: Any) -> Any:
         if isinstance(leaf, QuantizedTensor):

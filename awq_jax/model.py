@@ -73,7 +73,8 @@ class AddRMSNorm(RMSNorm):
     """A residual add and the RMSNorm it feeds: ``(x + delta, norm(x + delta))``.
 
     One Pallas kernel on NVIDIA GPUs (`pallas_kernels.add_rms_norm`), the same numbers as
-    ``x + delta`` followed by `RMSNorm`. ``delta=None``: no add, ``(x, norm(x))``.
+    ``x + delta`` followed by `RMSNorm`. ``delta=None``: no add, ``(x, norm(x))``; a
+    ``[S, *x.shape]`` stack of a projection's partial sums is added up first.
     """
 
     @nn.compact
@@ -92,7 +93,9 @@ class Linear(nn.Module):
     use_bias: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, partial_sums: bool = False) -> jax.Array:
+        """``[..., N]``; with ``partial_sums`` ``[S, ..., N]`` terms that sum to it
+        (`awq_jax.linear.linear`: an int4 kernel's split-K partials, else S = 1)."""
         if self.is_initializing():
             kernel = self.param(
                 "kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), x.dtype
@@ -101,11 +104,12 @@ class Linear(nn.Module):
             kernel = self.get_variable("params", "kernel")
         # Recorded only when "intermediates" is mutable (the AWQ search's capture pass).
         self.sow("intermediates", "input", x)
+        if not self.use_bias:
+            return linear(x, kernel, partial_sums=partial_sums)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), x.dtype)
         y = linear(x, kernel)
-        if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.features,), x.dtype)
-            y = y + bias.astype(y.dtype)
-        return y
+        y = y + bias.astype(y.dtype)
+        return y[None] if partial_sums else y
 
 
 def _has_submodule_params(module: nn.Module, name: str) -> bool:
@@ -171,23 +175,34 @@ class Attention(nn.Module):
         mask_bts: jax.Array,
         cache: KVCache | None = None,
         cache_index: jax.Array | int = 0,
+        partial_sums: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
+        """The attention output ``[B, T, D]`` (``partial_sums``: o_proj's ``[S, B, T, D]``
+        partial sums, see `Linear`) and the updated cache."""
         c = self.config
         b, t, _ = x_btd.shape
         nq, nk, h = c.num_heads, c.num_kv_heads, c.head_dim
         decode = cache is not None and t == 1
+        o_proj = Linear(c.hidden_size, c.o_bias, name="o_proj")
         if _has_submodule_params(self, "qkv_proj"):
-            qkv = Linear((nq + 2 * nk) * h, c.qkv_bias, name="qkv_proj")(x_btd)
+            qkv_proj = Linear((nq + 2 * nk) * h, c.qkv_bias, name="qkv_proj")
             if decode and not c.qk_norm:
-                # A decode step on the fused projection: the kernel splits it into heads
-                # and applies RoPE itself. Done here, RoPE is two XLA fusions per layer
-                # whose outputs a Pallas call needs materialized (~2.3 us per layer on an
-                # H100). Qwen3's q/k norms come between the split and RoPE: the path below.
+                # A decode step on the fused projection: the kernel adds its split-K
+                # partials, splits it into heads and applies RoPE itself. Done here, RoPE
+                # is two XLA fusions per layer whose outputs a Pallas call needs
+                # materialized (~2.3 us per layer on an H100). Qwen3's q/k norms come
+                # between the split and RoPE: the path below.
                 out_btd, cache = _decode_step_qkv(
-                    c, qkv, cos_bth, sin_bth, mask_bts, cache, cache_index
+                    c,
+                    qkv_proj(x_btd, partial_sums=True),
+                    cos_bth,
+                    sin_bth,
+                    mask_bts,
+                    cache,
+                    cache_index,
                 )
-                out_btd = out_btd.astype(x_btd.dtype)
-                return Linear(c.hidden_size, c.o_bias, name="o_proj")(out_btd), cache
+                return o_proj(out_btd.astype(x_btd.dtype), partial_sums), cache
+            qkv = qkv_proj(x_btd)
             q, k, v = jnp.split(qkv, [nq * h, (nq + nk) * h], axis=-1)
         else:
             q = Linear(nq * h, c.qkv_bias, name="q_proj")(x_btd)
@@ -220,8 +235,7 @@ class Attention(nn.Module):
             out_btd, cache = _attend_prompt(
                 q_btnh, k_btkh, v_btkh, mask_bts, cache, cache_index, c.q_per_kv
             )
-        out_btd = out_btd.astype(x_btd.dtype)
-        return Linear(c.hidden_size, c.o_bias, name="o_proj")(out_btd), cache
+        return o_proj(out_btd.astype(x_btd.dtype), partial_sums), cache
 
 
 def _decode_step_qkv(
@@ -233,11 +247,12 @@ def _decode_step_qkv(
     cache: KVCache,
     cache_index: jax.Array | int,
 ) -> tuple[jax.Array, KVCache]:
-    """One decode step's attention from the fused projection ``[B, 1, (N + 2K) * H]``:
-    ``[B, 1, N * H]`` and the cache with the step's (roped) key and value written."""
-    b = qkv.shape[0]
+    """One decode step's attention from the fused projection's partial sums
+    ``[S, B, 1, (N + 2K) * H]``: ``[B, 1, N * H]`` and the cache with the step's (roped) key
+    and value written."""
+    b = qkv.shape[1]
     out_bnh, k_bskh, v_bskh = decode_attention_update_qkv(
-        qkv.reshape(b, -1),  # free: T = 1
+        qkv.reshape(qkv.shape[0], b, -1),  # free: T = 1
         cos_bth[:, 0],
         sin_bth[:, 0],
         *cache,
@@ -291,20 +306,31 @@ def _attend_prompt(
 
 
 class MLP(nn.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``.
+
+    A fused ``gate_up_proj`` is concatenated ``[gate, up]``, or an int4 kernel with the
+    SwiGLU epilogue (`awq_jax.inference`) that returns ``silu(gate) * up`` itself.
+    """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_btd: jax.Array) -> jax.Array:
+    def __call__(self, x_btd: jax.Array, partial_sums: bool = False) -> jax.Array:
+        """``[B, T, D]`` (``partial_sums``: down_proj's ``[S, B, T, D]``, see `Linear`)."""
         c = self.config
         f = c.intermediate_size
         if _has_submodule_params(self, "gate_up_proj"):
-            gate, up = jnp.split(Linear(2 * f, c.mlp_bias, name="gate_up_proj")(x_btd), 2, -1)
+            kernel = self.variables["params"]["gate_up_proj"]["kernel"]
+            if getattr(kernel, "epilogue", None) == "swiglu":
+                h = Linear(f, name="gate_up_proj")(x_btd)
+            else:
+                gate, up = jnp.split(Linear(2 * f, c.mlp_bias, name="gate_up_proj")(x_btd), 2, -1)
+                h = nn.silu(gate) * up
         else:
             gate = Linear(f, c.mlp_bias, name="gate_proj")(x_btd)
             up = Linear(f, c.mlp_bias, name="up_proj")(x_btd)
-        return Linear(c.hidden_size, c.mlp_bias, name="down_proj")(nn.silu(gate) * up)
+            h = nn.silu(gate) * up
+        return Linear(c.hidden_size, c.mlp_bias, name="down_proj")(h, partial_sums)
 
 
 class Block(nn.Module):
@@ -316,10 +342,16 @@ class Block(nn.Module):
     in one kernel with the RMSNorm it feeds (`AddRMSNorm`): this layer's input norm here,
     the model's final norm after the last layer. Without it (the AWQ pipeline's per-layer
     calls) ``x`` is the hidden state itself, as a plain decoder layer's.
+
+    ``partial_sums`` (with ``defer_residual``; the unrolled inference model): o_proj and
+    down_proj hand their int4 kernels' split-K partials ``[S, B, T, D]`` to the norm
+    kernels, which add them (`pallas_kernels.add_rms_norm`), so the delta travelling to
+    the next layer may be such a stack.
     """
 
     config: ModelConfig
     defer_residual: bool = False
+    partial_sums: bool = False
 
     @nn.compact
     def __call__(
@@ -332,11 +364,15 @@ class Block(nn.Module):
         cache_index: jax.Array | int = 0,
     ) -> tuple[jax.Array | tuple[jax.Array, jax.Array], KVCache | None]:
         c = self.config
+        if self.partial_sums and not self.defer_residual:
+            raise ValueError("partial_sums needs defer_residual (a norm kernel adds them)")
         x_btd, delta_btd = x if self.defer_residual else (x, None)
         x_btd, h = AddRMSNorm(c.rms_norm_eps, name="input_layernorm")(x_btd, delta_btd)
-        a, cache = Attention(c, name="self_attn")(h, cos_bth, sin_bth, mask_bts, cache, cache_index)
+        a, cache = Attention(c, name="self_attn")(
+            h, cos_bth, sin_bth, mask_bts, cache, cache_index, self.partial_sums
+        )
         x_btd, h = AddRMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(x_btd, a)
-        mlp_btd = MLP(c, name="mlp")(h)
+        mlp_btd = MLP(c, name="mlp")(h, self.partial_sums)
         return ((x_btd, mlp_btd) if self.defer_residual else x_btd + mlp_btd), cache
 
 
@@ -372,7 +408,7 @@ class Transformer(nn.Module):
             caches = []
             for i, layer in enumerate(unstacked):
                 layer_cache = None if cache is None else cache[i]
-                stream, layer_cache = Block(c, defer_residual=True).apply(
+                stream, layer_cache = Block(c, defer_residual=True, partial_sums=True).apply(
                     {"params": layer}, stream, layer_cache, cos, sin, mask_bts, cache_index
                 )
                 caches.append(layer_cache)
@@ -391,8 +427,8 @@ class Transformer(nn.Module):
                 stream, cache, cos, sin, mask_bts, cache_index
             )
         x_btd, delta_btd = stream
-        if last_only:
-            x_btd, delta_btd = x_btd[:, -1:], delta_btd[:, -1:]
+        if last_only:  # delta may be a [S, B, T, D] stack of partial sums
+            x_btd, delta_btd = x_btd[:, -1:], delta_btd[..., -1:, :]
         _, x_btd = AddRMSNorm(c.rms_norm_eps, name="norm")(x_btd, delta_btd)
         if c.tie_word_embeddings:
             logits = embed.attend(x_btd)

@@ -16,7 +16,7 @@ import jax
 
 from pallas_kernels import pallas_mosaic_gpu, pallas_mosaic_gpu_ws, pallas_triton, tuning
 from pallas_kernels.layout import Int4Weight
-from pallas_kernels.reference import int4_matmul_reference
+from pallas_kernels.reference import int4_matmul_reference, swiglu_interleaved
 
 IMPLEMENTATIONS = ("xla", "triton", "mosaic", "mosaic_ws")
 
@@ -53,22 +53,32 @@ def dispatch[T](implementation: str | None, backends: dict[str, Callable[[], T]]
     return backends[implementation]()
 
 
-def _run(impl: str, x_mk: jax.Array, w: Int4Weight) -> jax.Array:
+def _run(
+    impl: str, x_mk: jax.Array, w: Int4Weight, epilogue: str | None, partial_sums: bool
+) -> jax.Array:
+    """The backend's product ``[M, N]`` (``[S, M, N]`` partial sums with ``partial_sums``);
+    only the Mosaic decode kernel fuses the epilogue or returns S > 1 partials."""
     m = x_mk.shape[0]
+    if impl == "mosaic":
+        cfg = tuning.mosaic_config(_device_kind(), m, w.k, w.n, w.group_size)
+        return pallas_mosaic_gpu.int4_matmul_mosaic(
+            x_mk, w, config=cfg, epilogue=epilogue, partial_sums=partial_sums
+        )
     if impl == "xla":
-        return int4_matmul_reference(x_mk, w)
-    if impl == "triton":
+        y = int4_matmul_reference(x_mk, w)
+    elif impl == "triton":
         cfg = tuning.triton_config(_device_kind(), m, w.k, w.n, w.group_size)
         if w.tile_n and cfg.block_n != w.tile_n:
             cfg = dataclasses.replace(cfg, block_n=w.tile_n)
-        return pallas_triton.int4_matmul_triton(x_mk, w, config=cfg)
-    if impl == "mosaic":
-        cfg = tuning.mosaic_config(_device_kind(), m, w.k, w.n, w.group_size)
-        return pallas_mosaic_gpu.int4_matmul_mosaic(x_mk, w, config=cfg)
-    if impl == "mosaic_ws":
+        y = pallas_triton.int4_matmul_triton(x_mk, w, config=cfg)
+    elif impl == "mosaic_ws":
         cfg = tuning.mosaic_ws_config(_device_kind(), m, w.k, w.n, w.group_size)
-        return pallas_mosaic_gpu_ws.int4_matmul_mosaic_ws(x_mk, w, config=cfg)
-    raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}; got {impl!r}")
+        y = pallas_mosaic_gpu_ws.int4_matmul_mosaic_ws(x_mk, w, config=cfg)
+    else:
+        raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}; got {impl!r}")
+    if epilogue == "swiglu":
+        y = swiglu_interleaved(y)
+    return y[None] if partial_sums else y
 
 
 def choose(m: int, w: Int4Weight) -> str:
@@ -76,7 +86,14 @@ def choose(m: int, w: Int4Weight) -> str:
     return tuning.choose_implementation(_device_kind(), m, w.k, w.n, w.group_size, w.fmt)
 
 
-def int4_matmul(x: jax.Array, w: Int4Weight, *, implementation: str | None = None) -> jax.Array:
+def int4_matmul(
+    x: jax.Array,
+    w: Int4Weight,
+    *,
+    implementation: str | None = None,
+    epilogue: str | None = None,
+    partial_sums: bool = False,
+) -> jax.Array:
     """``x[..., K] @ W[K, N]`` for a grouped int4 weight; returns ``[..., N]`` in x.dtype.
 
     Args:
@@ -85,17 +102,28 @@ def int4_matmul(x: jax.Array, w: Int4Weight, *, implementation: str | None = Non
       implementation: None (dispatch), "xla", "triton", "mosaic" or "mosaic_ws". An explicit backend
         raises ``NotImplementedError`` for shapes it does not support; None falls back
         to "xla" instead.
+      epilogue: None, or "swiglu": W's columns are gate/up blocks
+        (`pallas_kernels.layout.interleave_gate_up`) and the result is ``silu(gate) * up``,
+        ``[..., N / 2]`` (`reference.swiglu_interleaved`). The Mosaic decode kernel applies
+        it to its f32 accumulators in its own epilogue where it finishes the product in
+        the kernel (N of 100 row tiles or more); elsewhere XLA applies it to the product.
+      partial_sums: return ``[S, ..., N]`` terms whose sum over S (in f32, rounded to
+        x.dtype) is the product: the Mosaic decode kernel's S split-K partials in f32,
+        which a consumer kernel adds itself (`add_rms_norm`'s and
+        `decode_attention_update_qkv`'s stacked operands) instead of an XLA pass per
+        matmul; S = 1 (the product itself) for every other backend and config.
     """
     if x.shape[-1] != w.k:
         raise ValueError(f"x has K={x.shape[-1]}, weight has K={w.k}")
+    pallas_mosaic_gpu.check_epilogue(w.n, epilogue, partial_sums)
     lead = x.shape[:-1]
     x_mk = x.reshape(-1, w.k)
     if implementation is None:
         impl = choose(x_mk.shape[0], w) if x_mk.shape[0] else "xla"
         try:
-            y = _run(impl, x_mk, w)
+            y = _run(impl, x_mk, w, epilogue, partial_sums)
         except NotImplementedError:
-            y = int4_matmul_reference(x_mk, w)
+            y = _run("xla", x_mk, w, epilogue, partial_sums)
     else:
-        y = _run(implementation, x_mk, w)
-    return y.reshape(*lead, w.n)
+        y = _run(implementation, x_mk, w, epilogue, partial_sums)
+    return y.reshape(*y.shape[:-2], *lead, y.shape[-1])

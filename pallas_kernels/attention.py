@@ -54,6 +54,12 @@ concatenate). Done by XLA, RoPE was two fusions per layer whose outputs a Pallas
 needs materialized: ~2.3 us a layer on an H100 (2,800 -> 2,728 us per decoded token,
 docs/benchmarks/decode-profile-h100.md). The attention loop is the same kernel body;
 only its prologue differs.
+
+The projection may also come as ``[P, B, (N + 2K) * H]``: the split-K partial sums of
+the int4 matmul, which at batch-1 decode would otherwise cost an XLA kernel of their own
+to sum (~1.3 us). Every load from it then loads the P rows and sums them as
+`pallas_kernels.norm.sum_partials` does: in float32, p = 0..P-1 in order, rounded to
+the cache's dtype (what the matmul would have returned).
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import api
+from pallas_kernels.norm import sum_partials
 
 __all__ = [
     "Config",
@@ -218,9 +225,10 @@ def split_qkv_heads(
 # ----------------------------------------------------------------------------- kernels
 
 
-def _load_heads(ref, b, heads, mask=None, *, swap_halves: bool = False):
-    """``ref[b, heads, :]`` of a ``[B, heads, H]`` ref, ``[*heads.shape, H]``; with
-    ``swap_halves`` each head's halves trade places (``concat([x2, x1])``, by index
+def _load_heads(ref, b, heads, mask=None, *, dtype=None, swap_halves: bool = False):
+    """``ref[b, heads, :]`` of a ``[B, heads, H]`` ref, ``[*heads.shape, H]``; of a
+    ``[P, B, heads, H]`` ref of partial sums, their `sum_partials` rounded to ``dtype``.
+    With ``swap_halves`` each head's halves trade places (``concat([x2, x1])``, by index
     arithmetic: Triton has no concatenate)."""
     h = ref.shape[-1]
     cols = jnp.arange(h)
@@ -228,14 +236,18 @@ def _load_heads(ref, b, heads, mask=None, *, swap_halves: bool = False):
         cols = (cols + h // 2) % h
     cols = cols.reshape((1,) * heads.ndim + (h,))
     other = None if mask is None else 0
-    return pltriton.load(ref.at[b, heads[..., None], cols], mask=mask, other=other)
+    at = (b, heads[..., None], cols)
+    if ref.ndim == 3:
+        return pltriton.load(ref.at[at], mask=mask, other=other)
+    parts = [pltriton.load(ref.at[(p, *at)], mask=mask, other=other) for p in range(ref.shape[0])]
+    return sum_partials(parts, dtype)
 
 
-def _load_roped(ref, b, heads, cos, sin, mask=None):
+def _load_roped(ref, b, heads, cos, sin, mask=None, *, dtype=None):
     """Heads as `_load_heads`, RoPE applied with `apply_rope`'s arithmetic: cos and sin
     cast to x's dtype, then ``x * cos + rotate_half(x) * sin`` in that dtype."""
-    x = _load_heads(ref, b, heads, mask)
-    x_swapped = _load_heads(ref, b, heads, mask, swap_halves=True)
+    x = _load_heads(ref, b, heads, mask, dtype=dtype)
+    x_swapped = _load_heads(ref, b, heads, mask, dtype=dtype, swap_halves=True)
     first_half = jnp.arange(x.shape[-1]) < x.shape[-1] // 2
     rotated = jnp.where(first_half, -x_swapped, x_swapped)  # concat([-x2, x1])
     return x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)
@@ -260,8 +272,9 @@ def _attention_kernel(
     ``source`` (static) says where the queries and the step's new rows come from; only
     this prologue depends on it. "attend": ``q_ref`` ``[B, N, H]``, no new rows;
     "update": ``q_ref`` and the new rows ``[B, K, H]``; "qkv": ``q_ref`` is the packed
-    projection ``[B, N + 2K, H]`` (q heads, k heads, v heads) with cos/sin ``[B, H]``:
-    q and the new key are roped here.
+    projection ``[B, N + 2K, H]`` (q heads, k heads, v heads) or P partial sums of it
+    ``[P, B, N + 2K, H]`` (summed to the cache's dtype) with cos/sin ``[B, H]``: q and
+    the new key are roped here.
     """
     b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     kv_heads = k_ref.shape[2]
@@ -271,10 +284,11 @@ def _attention_kernel(
     if source == "qkv":
         cos_ref, sin_ref, index_ref, k_out_ref, v_out_ref, *out_refs = refs
         cos, sin = cos_ref[b, :], sin_ref[b, :]  # [H] f32
-        q = _load_roped(q_ref, b, heads, cos, sin, row_ok[:, None])  # [bg, H]
+        dtype = k_ref.dtype  # of the heads summed from partials
+        q = _load_roped(q_ref, b, heads, cos, sin, row_ok[:, None], dtype=dtype)  # [bg, H]
         k_head = kv_heads * g + kh  # after the N query heads
-        k_new = _load_roped(q_ref, b, k_head, cos, sin)  # [H]
-        v_new = q_ref[b, k_head + kv_heads, :]
+        k_new = _load_roped(q_ref, b, k_head, cos, sin, dtype=dtype)  # [H]
+        v_new = _load_heads(q_ref, b, k_head + kv_heads, dtype=dtype)
     else:
         q = _load_heads(q_ref, b, heads, row_ok[:, None])
         out_refs = refs
@@ -414,13 +428,16 @@ def _decode_attention_triton(
 ):
     """The kernel(s), shapes checked by the caller. ``source`` as `_attention_kernel`:
     "attend" (``q_src`` = q ``[B, N, H]``, ``step`` None), "update" (``step = (k_new_bkh,
-    v_new_bkh, index)``) or "qkv" (``q_src`` = the projection ``[B, (N + 2K) * H]``,
+    v_new_bkh, index)``) or "qkv" (``q_src`` = the projection ``[[P,] B, (N + 2K) * H]``,
     ``step = (cos_bh, sin_bh, index)``); the last two also write the caches."""
     b, s, kh, h = k_bskh.shape
-    q_src = q_src.reshape(b, -1, h)  # a bitcast: [B, heads, H]
-    g = (q_src.shape[1] - (2 * kh if source == "qkv" else 0)) // kh
+    if source == "qkv":
+        q_src = q_src.reshape(*q_src.shape[:-1], -1, h)  # a bitcast: [[P,] B, heads, H]
+    g = (q_src.shape[-2] - (2 * kh if source == "qkv" else 0)) // kh
     cfg = config or default_config(b, kh, s)
-    check_supported(q_src, k_bskh, v_bskh, cfg)
+    # The kernel's q: partials are summed to the caches' dtype.
+    q = q_src if q_src.ndim == 3 else jax.ShapeDtypeStruct(q_src.shape[1:], k_bskh.dtype)
+    check_supported(q, k_bskh, v_bskh, cfg)
     splits, per = _split_keys(s, cfg)
     cfg = dataclasses.replace(cfg, splits=splits)
     block_g = max(MIN_DOT, pl.next_power_of_2(g))
@@ -433,7 +450,7 @@ def _decode_attention_triton(
         out_shape += [jax.ShapeDtypeStruct(k_bskh.shape, k_bskh.dtype)] * 2
         aliases = {1: 0, 2: 1}  # k, v caches: read and written in place
     if splits == 1:
-        out_shape.append(jax.ShapeDtypeStruct((b, kh, g, h), q_src.dtype))
+        out_shape.append(jax.ShapeDtypeStruct((b, kh, g, h), q.dtype))
     else:
         out_shape += [
             jax.ShapeDtypeStruct((b, kh, splits, g, h), jnp.float32),
@@ -471,7 +488,7 @@ def _decode_attention_triton(
             grid=(b, kh),
             in_specs=[whole] * 3,
             out_specs=whole,
-            out_shape=jax.ShapeDtypeStruct((b, kh, g, h), q_src.dtype),
+            out_shape=jax.ShapeDtypeStruct((b, kh, g, h), q.dtype),
             compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
             interpret=interpret,
             name="decode_attention_combine",
@@ -584,7 +601,10 @@ def decode_attention_update_qkv(
     Args:
       qkv_bf: ``[B, (N + 2K) * H]`` in ``jnp.split(qkv, [N * H, (N + K) * H])``'s layout:
         the N query heads, then the K key heads, then the K value heads, each H
-        contiguous; the cache's dtype.
+        contiguous; the cache's dtype. Or ``[P, B, (N + 2K) * H]`` of any float dtype: the
+        projection's split-K partial sums, summed here as by
+        :func:`pallas_kernels.norm.sum_partials` (float32, in order, rounded to the
+        cache's dtype), so that the matmul needs no kernel to sum them.
       cos_bh, sin_bh: the step's RoPE ``[B, H]`` (float32, frequencies repeated over the
         two halves, as ``awq_jax.model.rope_cos_sin``).
       num_heads, num_kv_heads: N and K.
@@ -592,10 +612,13 @@ def decode_attention_update_qkv(
     """
     b, _, kh, h = k_bskh.shape
     want = (b, (num_heads + 2 * num_kv_heads) * h)
-    if qkv_bf.shape != want or kh != num_kv_heads or cos_bh.shape != (b, h):
+    stacked = qkv_bf.ndim == 3 and qkv_bf.shape[0] > 0  # [P, B, F] partial sums
+    row_shape = qkv_bf.shape[1:] if stacked else qkv_bf.shape
+    if row_shape != want or kh != num_kv_heads or cos_bh.shape != (b, h):
         raise ValueError(
-            f"qkv must be [B, (N + 2K) * H] = {want}, the caches [B, S, K={num_kv_heads}, H] "
-            f"and cos/sin [B, H]; got {qkv_bf.shape}, {k_bskh.shape}, {cos_bh.shape}"
+            f"qkv must be [B, (N + 2K) * H] = {want} or P >= 1 partial sums [P, *{want}], "
+            f"the caches [B, S, K={num_kv_heads}, H] and cos/sin [B, H]; "
+            f"got {qkv_bf.shape}, {k_bskh.shape}, {cos_bh.shape}"
         )
     if sin_bh.shape != cos_bh.shape or h % 2:
         raise ValueError(f"sin must be cos's shape {cos_bh.shape}, H even; got {sin_bh.shape}")
@@ -605,18 +628,20 @@ def decode_attention_update_qkv(
         _decode_attention_triton, scale=scale, config=config, interpret=interpret
     )
     step = (cos_bh, sin_bh, index)
-    heads = dict(num_heads=num_heads, num_kv_heads=num_kv_heads)
+
+    def reference():
+        qkv = sum_partials(qkv_bf, k_bskh.dtype) if stacked else qkv_bf
+        q_bnh, k_new_bkh, v_new_bkh = split_qkv_heads(
+            qkv, cos_bh, sin_bh, num_heads=num_heads, num_kv_heads=num_kv_heads
+        )
+        return decode_attention_update_reference(
+            q_bnh, k_new_bkh, v_new_bkh, k_bskh, v_bskh, index, valid_bs, scale=scale
+        )
+
     return api.dispatch(
         implementation,
         {
-            "xla": lambda: decode_attention_update_reference(
-                *split_qkv_heads(qkv_bf, cos_bh, sin_bh, **heads),
-                k_bskh,
-                v_bskh,
-                index,
-                valid_bs,
-                scale=scale,
-            ),
+            "xla": reference,
             "triton": lambda: kernel(qkv_bf, k_bskh, v_bskh, valid_bs, step, source="qkv"),
         },
     )

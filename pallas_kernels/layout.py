@@ -55,6 +55,9 @@ import jax.numpy as jnp
 _SUPPORTED_GROUP_SIZES_NOTE = "group_size must be even and divide K (e.g. 32, 64, 128)"
 FORMATS = ("u4_split", "s4", "u4_wgmma")
 WGMMA_CHUNK = 128  # K columns per permutation chunk of the u4_wgmma format
+# Rows per gate/up block of a SwiGLU projection (`interleave_gate_up`): a wgmma
+# accumulator thread holds rows r and r + 8 of every 16, so a gate row meets its up row.
+SWIGLU_BLOCK = 8
 
 
 @jax.tree_util.register_dataclass
@@ -106,6 +109,21 @@ class Int4Weight:
     def nbytes(self) -> int:
         """Device bytes of the weight: packed codes plus f16 scales and zeros."""
         return self.k * self.n // 2 + 2 * 2 * self.num_groups * self.n
+
+
+def interleave_gate_up(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """``[..., F]`` gate and up columns -> ``[..., 2F]`` in alternating blocks of
+    :data:`SWIGLU_BLOCK`: columns ``16 i + r`` = gate ``8 i + r``, ``16 i + 8 + r`` = up
+    ``8 i + r``. The layout `int4_matmul(..., epilogue="swiglu")` reads (codes, scales and
+    zero points alike: any array whose last axis is the output one)."""
+    if gate.shape != up.shape or gate.shape[-1] % SWIGLU_BLOCK:
+        raise ValueError(
+            f"gate and up must have one shape with a last axis a multiple of {SWIGLU_BLOCK}; "
+            f"got {gate.shape} and {up.shape}"
+        )
+    blocks = (*gate.shape[:-1], gate.shape[-1] // SWIGLU_BLOCK, 1, SWIGLU_BLOCK)
+    pair = jnp.concatenate([gate.reshape(blocks), up.reshape(blocks)], axis=-2)
+    return pair.reshape(*gate.shape[:-1], 2 * gate.shape[-1])
 
 
 def is_hopper(device_kind: str) -> bool:

@@ -1,6 +1,7 @@
 """RMSNorm and residual-add + RMSNorm: a jnp reference and one Pallas-Triton kernel.
 
     s, y = add_rms_norm(x, delta, weight, eps)   # s = x + delta, y = rms_norm(s) * weight
+    s, y = add_rms_norm(x, partials, weight, eps)  # delta = sum_partials(partials, x.dtype)
     y = rms_norm(x, weight, eps)
 
 Why a kernel: at batch-1 decode XLA runs each residual add and the RMSNorm it feeds as
@@ -14,11 +15,18 @@ Numerics are the model's (and transformers'): the sum is rounded to x's dtype (a
 cast back to x's dtype before the weight multiply, and the product is rounded once to
 ``result_type(weight, x)``. Only the order of the f32 sum of squares differs from XLA's,
 so results agree to the last bit of the output dtype, occasionally one unit off.
+
+``delta`` may also be a stack ``[S, *x.shape]`` of partial sums: the split-K partials
+of the matmul that makes it (o_proj, down_proj), which at batch-1 decode would otherwise
+cost an XLA kernel of their own to sum (~1.3 us per matmul). The kernel loads the S rows
+and sums them itself, as `sum_partials` does: in float32, s = 0..S-1 in order, rounded
+to x's dtype (what the matmul would have returned); the add and the norm follow as above.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,10 +35,26 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import api
 
-__all__ = ["add_rms_norm", "add_rms_norm_reference", "rms_norm", "rms_norm_reference"]
+__all__ = [
+    "add_rms_norm",
+    "add_rms_norm_reference",
+    "rms_norm",
+    "rms_norm_reference",
+    "sum_partials",
+]
 
 # A row is one block of registers: 16384 f32 values over 8 warps is 64 per thread.
 MAX_WIDTH = 16384
+
+
+def sum_partials(parts: jax.Array | Sequence[jax.Array], dtype) -> jax.Array:
+    """``parts[0] + ... + parts[S - 1]`` in float32, in that order, rounded to ``dtype``:
+    what a split-K matmul returns from its S partial sums. ``parts``: a ``[S, ...]`` array
+    or a sequence of arrays (rows a kernel loaded)."""
+    total = parts[0].astype(jnp.float32)
+    for i in range(1, len(parts)):
+        total = total + parts[i].astype(jnp.float32)
+    return total.astype(dtype)
 
 
 def rms_norm_reference(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -43,7 +67,10 @@ def rms_norm_reference(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array
 def add_rms_norm_reference(
     x: jax.Array, delta: jax.Array, weight: jax.Array, eps: float
 ) -> tuple[jax.Array, jax.Array]:
-    """``(x + delta, rms_norm_reference(x + delta))``."""
+    """``(x + delta, rms_norm_reference(x + delta))``; a ``delta`` stack ``[S, *x.shape]``
+    is first summed by `sum_partials` to x's dtype."""
+    if delta.shape != x.shape:
+        delta = sum_partials(delta, x.dtype)
     s = x + delta
     return s, rms_norm_reference(s, weight, eps)
 
@@ -53,7 +80,9 @@ def _num_warps(block: int) -> int:
 
 
 def _norm_kernel(*refs, width: int, block: int, eps: float, has_delta: bool):
-    """One row: [delta add,] f32 mean of squares, rsqrt, cast, weight multiply."""
+    """One row: [delta add,] f32 mean of squares, rsqrt, cast, weight multiply. ``d_ref``
+    is ``[S * rows, width]``: the row's S partials (at ``i * rows + row``) are summed
+    (`sum_partials`) before the add."""
     if has_delta:
         x_ref, d_ref, w_ref, s_ref, y_ref = refs
     else:
@@ -63,7 +92,12 @@ def _norm_kernel(*refs, width: int, block: int, eps: float, has_delta: bool):
     ok = jnp.arange(block) < width
     x = pltriton.load(x_ref.at[row, cols], mask=ok, other=0)
     if has_delta:
-        d = pltriton.load(d_ref.at[row, cols], mask=ok, other=0)
+        rows = x_ref.shape[0]
+        parts = [
+            pltriton.load(d_ref.at[i * rows + row, cols], mask=ok, other=0)
+            for i in range(d_ref.shape[0] // rows)
+        ]
+        d = sum_partials(parts, x_ref.dtype)
         x = (x.astype(jnp.float32) + d.astype(jnp.float32)).astype(x_ref.dtype)
         pltriton.store(s_ref.at[row, cols], x, mask=ok)
     x32 = x.astype(jnp.float32)
@@ -79,7 +113,7 @@ def _check_supported(x: jax.Array, delta: jax.Array | None) -> None:
         problems.append("x is empty")
     if x.shape[-1] > MAX_WIDTH:
         problems.append(f"rows of {x.shape[-1]} > {MAX_WIDTH} elements")
-    if delta is not None and delta.dtype != x.dtype:
+    if delta is not None and delta.shape == x.shape and delta.dtype != x.dtype:
         problems.append(f"delta is {delta.dtype}, x is {x.dtype} (the sum would promote)")
     if problems:
         raise NotImplementedError("; ".join(problems))
@@ -106,7 +140,7 @@ def _norm_triton(
     operands = [x.reshape(rows, width)]
     out_shape = [y_shape]
     if delta is not None:
-        operands.append(delta.reshape(rows, width))
+        operands.append(delta.reshape(-1, width))  # [S * rows, width]; S = 1 if unstacked
         out_shape = [jax.ShapeDtypeStruct((rows, width), x.dtype), y_shape]
     whole = pl.BlockSpec(memory_space=pl.ANY)
     outs = pl.pallas_call(
@@ -128,8 +162,13 @@ def _norm_triton(
 def _check_shapes(x: jax.Array, weight: jax.Array, delta: jax.Array | None = None) -> None:
     if weight.shape != x.shape[-1:]:
         raise ValueError(f"weight has shape {weight.shape}, x rows have {x.shape[-1:]}")
-    if delta is not None and delta.shape != x.shape:
-        raise ValueError(f"delta has shape {delta.shape}, x has {x.shape}")
+    if delta is None or delta.shape == x.shape:
+        return
+    if delta.shape[1:] != x.shape or not delta.shape[0]:
+        raise ValueError(
+            f"delta has shape {delta.shape}; it must be x's {x.shape} or a stack of "
+            f"S >= 1 partial sums [S, *{x.shape}]"
+        )
 
 
 def rms_norm(
@@ -170,8 +209,13 @@ def add_rms_norm(
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """``(x + delta, rms_norm(x + delta) * weight)`` in one kernel: the residual add of a
-    decoder layer and the RMSNorm that it feeds. Arguments as for :func:`rms_norm`; the
-    kernel takes ``delta`` of x's dtype only (None falls back to the reference otherwise).
+    decoder layer and the RMSNorm that it feeds. Arguments as for :func:`rms_norm`.
+
+    ``delta``: x's shape, or ``[S, *x.shape]`` of any float dtype: the split-K partial
+    sums of the matmul that makes delta, summed here as by :func:`sum_partials` (float32,
+    in order, rounded to x's dtype), so that the matmul needs no kernel to sum them. The
+    kernel takes an unstacked delta of x's dtype only (None falls back to the reference,
+    which promotes, otherwise).
     """
     _check_shapes(x, weight, delta)
 

@@ -53,7 +53,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.layout import WGMMA_CHUNK, Int4Weight
+from pallas_kernels.layout import SWIGLU_BLOCK, WGMMA_CHUNK, Int4Weight
+from pallas_kernels.reference import swiglu_interleaved
 
 # Magic float whose low mantissa bits take a 4-bit code q: (bits, value of magic | 0).
 _MAGIC = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}
@@ -124,7 +125,8 @@ def _smem_per_step_and_fixed(bm: int, g: int, cfg: Config, steps: int) -> tuple[
     per_step = bn * bk // 2 + 2 * (bk // g) * bn * 2
     x_bytes = bm * bk * 2 * (steps if cfg.x_resident else 1)
     per_step += 0 if cfg.x_resident else x_bytes
-    out_tiles = cfg.split_k - 1 if cfg.cluster_reduce else 1
+    # Shared [bn, bm] f32 tiles: the leader's slots of a cluster, the interpreter's output.
+    out_tiles = cfg.split_k - 1 if cfg.cluster_reduce else int(cfg.a_in_smem)
     fixed = out_tiles * bn * bm * 4 + (bn * g * 2 if cfg.a_in_smem else 0)
     fixed += x_bytes * cfg.max_concurrent_steps if cfg.x_resident else 0
     return per_step, fixed
@@ -250,7 +252,7 @@ def dequant_group(w_tile, z_ref, gi: int, g: int, dtype):
 
 def _store_transposed(val, o_ref, m: int):
     """``o_ref[t, r] = val[r, t]`` for the tokens ``t < m``: val ``[bn, bm]`` (WGMMA
-    layout, x.dtype) -> o_ref ``[m, bn]`` in global memory, one predicated store per
+    layout) -> o_ref ``[m, bn]`` in global memory, one predicated store per
     element (a few per thread at decode); the weight rows of one token are contiguous.
     """
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
@@ -274,6 +276,53 @@ def _store_transposed(val, o_ref, m: int):
         val.foreach(put)
 
     store(val, o_ref)
+
+
+def _store_swiglu_transposed(val, o_ref, m: int, dtype):
+    """``o_ref[t, j] = silu(gate) * up`` for the tokens ``t < m``, from ``val [bn, bm]``
+    f32 (WGMMA layout) whose rows are gate/up in blocks of :data:`SWIGLU_BLOCK` (layout.py,
+    `interleave_gate_up`): ``o_ref [m, bn / 2]`` in global memory, rounded once to dtype.
+
+    In the WGMMA layout a thread holds rows ``r`` and ``r + 8`` of each 16 (the register
+    index 4, ``h``), so gate row ``r`` and its up row ``r + 8`` meet in one thread: the
+    product needs no data movement, and gate row ``16 i + r`` is output column ``8 i + r``.
+    """
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, memref, vector
+
+    act = val / (1.0 + jnp.exp(-val))  # silu of every row; the gate rows' are used
+    bm = val.shape[1]
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.RefType()))
+    def store(_, act, val, ref):
+        index = ir.IndexType.get()
+        el = mgpu_utils.dtype_to_ir_type(jnp.dtype(dtype))
+        limit = arith.constant(index, m)
+        c = lambda v: arith.constant(index, v)  # noqa: E731
+        regs = val.registers
+        for pos, (row, tok) in zip(
+            np.ndindex(regs.shape), val.layout.thread_idxs(val.shape), strict=True
+        ):
+            if pos[4]:  # an up row: taken with its gate row
+                continue
+            up = regs[(*pos[:4], 1, *pos[5:])]
+            prod = arith.mulf(act.registers[pos], up)  # vector<2 x f32>: 2 tokens
+            out = arith.truncf(ir.VectorType.get(ir.VectorType(prod.type).shape, el), prod)
+            col = arith.addi(
+                arith.muli(arith.divui(row, c(2 * SWIGLU_BLOCK)), c(SWIGLU_BLOCK)),
+                arith.remui(row, c(SWIGLU_BLOCK)),
+            )
+            for e in range(ir.VectorType(prod.type).shape[0]):
+                t = arith.addi(tok, c(e))
+                v = vector.extract(out, dynamic_position=[], static_position=[e])
+                if m >= bm:
+                    memref.store(v, ref, [t, col])
+                    continue
+                with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, t, limit)):
+                    memref.store(v, ref, [t, col])
+
+    store(act, val, o_ref)
 
 
 def _store_to_leader(val, ref):
@@ -312,7 +361,7 @@ def _cluster_sync():
     sync()
 
 
-def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, *scratch, g, bm, m, steps, depth, cfg):
+def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, *scratch, g, bm, m, steps, depth, cfg, swiglu):
     bn, bk = cfg.block_n, cfg.block_k
     dtype = x_gmem.dtype
     ni, mi = lax.axis_index("n"), lax.axis_index("m")
@@ -320,8 +369,10 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, *scratch, g, bm, m, steps, d
     if cfg.cluster_reduce:
         red_smem = scratch[0] if cfg.split_k > 1 else None
         a_smem = ()
-    else:
+    elif cfg.a_in_smem:
         o_smem, *a_smem = scratch
+    else:
+        a_smem = ()
     x_swizzle = swizzle_for(min(g, 64) * 2)  # an x slice per wgmma = one swizzle row
     x_elems = x_swizzle // 2
     row = plgpu.Layout.WGMMA.reduce(1)  # one value per accumulator row (weight row)
@@ -414,15 +465,27 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, *scratch, g, bm, m, steps, d
             max_concurrent_steps=depth,
             init_carry=plgpu.layout_cast(jnp.zeros((bn, bm), jnp.float32), plgpu.Layout.WGMMA),
         )(w_gmem, x_gmem, s_gmem, z_gmem)
-    if not cfg.cluster_reduce:
+    if not cfg.cluster_reduce and cfg.a_in_smem:
+        # The interpreter's variant (it runs no inline stores): [split_k, N, M] tiles by TMA.
         o_smem[...] = acc
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[ki, pl.ds(ni * bn, bn), pl.ds(mi * bm, bm)])
         plgpu.wait_smem_to_gmem(0)
         return
-    out = o_gmem.at[:, pl.ds(ni * bn, bn)]
+    if not cfg.cluster_reduce:  # this CTA's f32 partial, rows of the [split_k, M, N] output
+        one_tile = o_gmem.shape[1] <= bm
+        rows = slice(None) if one_tile else pl.ds(mi * bm, bm)
+        _store_transposed(acc, o_gmem.at[ki, rows, pl.ds(ni * bn, bn)], m if one_tile else bm)
+        return
+
+    def finish(total):  # the output rows of this row tile, in x.dtype
+        if swiglu:
+            _store_swiglu_transposed(total, o_gmem.at[:, pl.ds(ni * bn // 2, bn // 2)], m, dtype)
+        else:
+            _store_transposed(total.astype(dtype), o_gmem.at[:, pl.ds(ni * bn, bn)], m)
+
     if cfg.split_k == 1:
-        _store_transposed(acc.astype(dtype), out, m)
+        finish(acc)
         return
 
     @pl.when(ki != 0)
@@ -437,15 +500,27 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, *scratch, g, bm, m, steps, d
         for j in range(cfg.split_k - 1):
             layout = plgpu.Layout.WGMMA
             total = total + plgpu.load(red_smem.at[j], layout=layout, optimized=False)
-        _store_transposed(total.astype(dtype), out, m)
+        finish(total)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("config", "epilogue", "partial_sums", "interpret"))
 def int4_matmul_mosaic(
-    x_mk: jax.Array, w: Int4Weight, *, config: Config | None = None, interpret: bool = False
+    x_mk: jax.Array,
+    w: Int4Weight,
+    *,
+    config: Config | None = None,
+    epilogue: str | None = None,
+    partial_sums: bool = False,
+    interpret: bool = False,
 ) -> jax.Array:
     """``x[M, K] @ W`` through the Mosaic GPU kernel; returns ``[M, N]`` in x.dtype.
 
+    ``epilogue="swiglu"``: W's columns are gate/up pairs (`layout.interleave_gate_up`) and
+    the result is ``silu(gate) * up``, ``[M, N / 2]``; with ``cluster_reduce`` the kernel
+    computes it from its f32 accumulators, otherwise XLA does after the sum.
+    ``partial_sums=True`` returns the ``[S, M, N]`` terms whose sum over S is the product
+    (S = split_k f32 partials without ``cluster_reduce``, else the product itself with
+    S = 1), for a consumer that adds them itself (`pallas_kernels.int4_matmul`).
     ``interpret=True`` runs the Mosaic GPU interpreter on the CPU (needs
     ``a_in_smem=True``; small shapes only).
     """
@@ -454,6 +529,7 @@ def int4_matmul_mosaic(
     if k != w.k:
         raise ValueError(f"x has K={k}, weight has K={w.k}")
     check_supported(m, w, x_mk.dtype, cfg)
+    check_epilogue(w.n, epilogue, partial_sums)
     if interpret and not cfg.a_in_smem:
         raise NotImplementedError("the Mosaic GPU interpreter needs a_in_smem=True")
     if cfg.a_in_smem and cfg.scale_in_dequant:
@@ -463,7 +539,10 @@ def int4_matmul_mosaic(
     g, bn = w.group_size, cfg.block_n
     steps = k // (cfg.split_k * cfg.block_k)
     depth = pipeline_depth(bm, g, cfg, steps)
-    body = functools.partial(_kernel, g=g, bm=bm, m=m, steps=steps, depth=depth, cfg=cfg)
+    swiglu = epilogue == "swiglu" and cfg.cluster_reduce
+    body = functools.partial(
+        _kernel, g=g, bm=bm, m=m, steps=steps, depth=depth, cfg=cfg, swiglu=swiglu
+    )
     interpret_params = plgpu.InterpretGPUParams() if interpret else None
     x = x_mk if m <= 8 or m % 8 == 0 else jnp.pad(x_mk, ((0, -m % 8), (0, 0)))
     if cfg.cluster_reduce:
@@ -472,7 +551,7 @@ def int4_matmul_mosaic(
             scratch.append(plgpu.SMEM((cfg.split_k - 1, bn, bm), jnp.float32))
         kernel = plgpu.kernel(
             body,
-            out_type=jax.ShapeDtypeStruct((m, w.n), x_mk.dtype),
+            out_type=jax.ShapeDtypeStruct((m, w.n // 2 if swiglu else w.n), x_mk.dtype),
             grid=(w.n // bn, 1),
             grid_names=("n", "m"),
             cluster=(cfg.split_k,),
@@ -480,18 +559,37 @@ def int4_matmul_mosaic(
             scratch_types=scratch,
             interpret=interpret_params,
         )
-        return kernel(x, w.q_packed, w.scales_gn, w.zeros_gn)
-    scratch = [plgpu.SMEM((bn, bm), jnp.float32)]
-    if cfg.a_in_smem:
+        y = kernel(x, w.q_packed, w.scales_gn, w.zeros_gn)
+        return y[None] if partial_sums else y
+    if cfg.a_in_smem:  # the interpreter's variant writes [split_k, N, m_pad] tiles
         a_tiling = tiled(swizzle_for(min(g, 64) * 2), 16)
-        scratch.append(plgpu.SMEM((bn, g), x_mk.dtype, transforms=a_tiling))
+        a_tile = plgpu.SMEM((bn, g), x_mk.dtype, transforms=a_tiling)
+        scratch = [plgpu.SMEM((bn, bm), jnp.float32), a_tile]
+        part_shape = (cfg.split_k, w.n, m_pad)
+    else:
+        scratch = []
+        part_shape = (cfg.split_k, m if m_pad == bm else m_pad, w.n)
     kernel = plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((cfg.split_k, w.n, m_pad), jnp.float32),
+        out_type=jax.ShapeDtypeStruct(part_shape, jnp.float32),
         grid=(w.n // bn, cfg.split_k, m_pad // bm),
         grid_names=("n", "k", "m"),
         scratch_types=scratch,
         interpret=interpret_params,
     )
-    part = kernel(x, w.q_packed, w.scales_gn, w.zeros_gn)  # [split_k, N, m_pad] f32
-    return part.sum(axis=0)[:, :m].T.astype(x_mk.dtype)
+    part = kernel(x, w.q_packed, w.scales_gn, w.zeros_gn)
+    part = part.transpose(0, 2, 1)[:, :m] if cfg.a_in_smem else part[:, :m]  # [split_k, M, N]
+    if partial_sums:
+        return part
+    y = part.sum(axis=0).astype(x_mk.dtype)
+    return swiglu_interleaved(y) if epilogue == "swiglu" else y
+
+
+def check_epilogue(n: int, epilogue: str | None, partial_sums: bool) -> None:
+    """ValueError for an epilogue the kernels do not know or that cannot apply."""
+    if epilogue not in (None, "swiglu"):
+        raise ValueError(f"epilogue must be None or 'swiglu', got {epilogue!r}")
+    if epilogue and partial_sums:
+        raise ValueError("an epilogue needs the whole product: no partial_sums with it")
+    if epilogue and n % (2 * SWIGLU_BLOCK):
+        raise ValueError(f"swiglu needs N a multiple of {2 * SWIGLU_BLOCK}, got {n}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.layout import WGMMA_CHUNK, Int4Weight, stored_codes_wgmma
+from pallas_kernels.layout import SWIGLU_BLOCK, WGMMA_CHUNK, Int4Weight, stored_codes_wgmma
 
 
 def _dequantize_planes(w: Int4Weight, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
@@ -103,3 +103,11 @@ def int4_matmul_reference(x: jax.Array, w: Int4Weight) -> jax.Array:
     y = jnp.einsum("...gh,ngh->...n", x_g2h[..., 0, :], lo, preferred_element_type=jnp.float32)
     y += jnp.einsum("...gh,ngh->...n", x_g2h[..., 1, :], hi, preferred_element_type=jnp.float32)
     return y.astype(x.dtype)
+
+
+def swiglu_interleaved(y: jax.Array) -> jax.Array:
+    """``silu(gate) * up`` of a product whose columns are gate/up blocks
+    (`layout.interleave_gate_up`): ``[..., 2F] -> [..., F]``, in f32, rounded to y.dtype."""
+    blocks = y.astype(jnp.float32).reshape(*y.shape[:-1], -1, 2, SWIGLU_BLOCK)
+    h = jax.nn.silu(blocks[..., 0, :]) * blocks[..., 1, :]
+    return h.reshape(*y.shape[:-1], y.shape[-1] // 2).astype(y.dtype)

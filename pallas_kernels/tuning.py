@@ -174,8 +174,13 @@ def mosaic_config(
       0.97x with clusters of 2, 2.00x / 1.28x without); larger clusters were slower
       everywhere (co-scheduling). The pipeline depth is cut so that all CTAs are
       resident at once where that is possible (``_one_wave_depth``).
-    * T < 100 (N = 4096): too few row tiles to fill 132 SMs; ~1024 K rows per CTA up to
-      16 tokens, 2048 up to 64, the whole K above, f32 partials summed by XLA.
+    * T < 100 (N = 4096): too few row tiles to fill 132 SMs; 4 CTAs along K up to 16
+      tokens, ~2048 K rows per CTA up to 64, the whole K above; the f32 partials are
+      summed by XLA, or by the consumer (``partial_sums``). 4 splits at decode: the kernel
+      alone at M = 1 (run 46, `pallas_kernels.epilogue_probe`) took 13.8 us on 14336x4096
+      against 14.5 with 14 (~1024 K rows each), 16.2 with 7 and 17.6 with 2; on 4096x4096
+      and 4096x6144 4 was within 2-4% of the best (5.9 / 7.8 us); and a consumer pays
+      ~0.25 us per partial it adds (`add_rms_norm` at batch 1).
     """
     del device_kind
     block_k = 256 if m <= 16 or m > 64 else 128
@@ -189,8 +194,7 @@ def mosaic_config(
             )
             depth = _one_wave_depth(tiles * split_k, m, k, group_size, cfg)
             return dataclasses.replace(cfg, max_concurrent_steps=depth)
-    rows = 1024 if m <= 16 else 2048 if m <= 64 else k
-    split_k = max(1, k // rows)
+    split_k = 4 if m <= 16 else max(1, k // (2048 if m <= 64 else k))
     while split_k > 1 and k % (split_k * block_k):
         split_k -= 1
     return pallas_mosaic_gpu.Config(block_n=64, block_k=block_k, split_k=split_k)

@@ -7,7 +7,9 @@ skipped without one). Attention is checked against a float64 truth written here 
 numpy, the jnp reference included, and the variant fed by the fused q/k/v projection
 (split and RoPE in the kernel) also against the split-then-RoPE path; the norm against
 its reference; the model's decode step through the kernels against the XLA path, down
-to identical generated tokens.
+to identical generated tokens. The norm's delta and the qkv row given as a stack of f32
+split-K partial sums give, bit for bit, what their f32 sum rounded to the activations'
+dtype gives.
 """
 
 from __future__ import annotations
@@ -112,6 +114,13 @@ def f32(a) -> np.ndarray:
     return np.asarray(jnp.asarray(a, jnp.float32))
 
 
+def random_partials(seed: int, shape: tuple, dtype) -> tuple[jax.Array, jax.Array]:
+    """``(partials [*shape] f32, their sum)``: the sum in f32, in order, rounded to
+    ``dtype`` in numpy (what `pallas_kernels.norm.sum_partials` is specified to give)."""
+    parts = np.random.default_rng(seed).standard_normal(shape, np.float32)
+    return jnp.asarray(parts), jnp.asarray(functools.reduce(np.add, parts), dtype)
+
+
 @pytest.fixture
 def on_cpu():
     """The interpreter's tests run on the CPU also on a GPU host, where f32 dots default
@@ -194,6 +203,40 @@ class _AttentionCases:
         else:  # the RoPE's products and sums may be rounded (or fused) differently
             assert rel_err(k2[:, index], f32(want[1][:, index])) < rope_tol(dtype)
             assert rel_err(out, f32(want[0])) < ATTN_TOL[dtype]
+
+    @pytest.mark.parametrize("parts", [1, 3, 4])
+    def test_qkv_partials(self, qkv_case, parts) -> None:
+        """qkv as ``[P, B, F]`` f32 partial sums: the kernel's outputs and caches equal,
+        bit for bit, its outputs for their f32 sum rounded to the cache's dtype (so do the
+        reference's); the value row written is that sum; the kernel fed partials against
+        the reference fed partials as in the test above. A missing partial moves the
+        value row by O(1)."""
+        b, s, kh, g, h, dtype, pad, window, cfg = qkv_case
+        n, index = kh * g, s // 2 + 1
+        pos = 1000 + index - pad * np.arange(b)
+        _, cos, sin, k, v = random_qkv_problem(3 * s + h, b, s, kh, g, h, dtype, pos)
+        partials, qkv = random_partials(parts, (parts, b, (n + 2 * kh) * h), dtype)
+        heads = dict(num_heads=n, num_kv_heads=kh)
+        args = (cos, sin, k, v, index, decode_mask(b, s, index, pad, window))
+        got = self.run_qkv(partials, *args, heads, h**-0.5, cfg)
+        want = self.run_qkv(qkv, *args, heads, h**-0.5, cfg)
+        ref_kw = dict(scale=h**-0.5, implementation="xla", **heads)
+        ref = decode_attention_update_qkv(partials, *args, **ref_kw)
+        ref_want = decode_attention_update_qkv(qkv, *args, **ref_kw)
+        assert got[0].dtype == dtype
+        for a, w in (*zip(got, want, strict=True), *zip(ref, ref_want, strict=True)):
+            np.testing.assert_array_equal(f32(a), f32(w))
+        np.testing.assert_array_equal(
+            f32(got[2][:, index]), f32(qkv.reshape(b, -1, h)[:, n + kh :])
+        )
+
+        out, k2, v2 = got
+        np.testing.assert_array_equal(f32(v2), f32(ref[2]))
+        if dtype == jnp.bfloat16 and self.BF16_ROPE_EXACT:
+            np.testing.assert_array_equal(f32(k2), f32(ref[1]))
+        else:
+            assert rel_err(k2[:, index], f32(ref[1][:, index])) < rope_tol(dtype)
+        assert rel_err(out, f32(ref[0])) < ATTN_TOL[dtype]
 
 
 def _case_id(case) -> str:
@@ -304,6 +347,9 @@ class TestAttentionEdges:
         for bad in (dict(num_heads=2, num_kv_heads=2), dict(num_heads=6, num_kv_heads=1)):
             with pytest.raises(ValueError, match=r"\[B, \(N \+ 2K\) \* H\]"):
                 decode_attention_update_qkv(*args, scale=0.25, **bad)
+        for bad in (qkv[None, :1], qkv[None, :, 16:], qkv[None, None], qkv[None][:0]):
+            with pytest.raises(ValueError, match="partial sums"):
+                decode_attention_update_qkv(bad, *args[1:], scale=0.25, **heads)
         with pytest.raises(ValueError, match="cos"):
             decode_attention_update_qkv(qkv, cos, sin[:1], *args[3:], scale=0.25, **heads)
         with pytest.raises(ValueError, match="group"):
@@ -353,6 +399,26 @@ class _NormCases:
             y1_ref = norm_mod.rms_norm_reference(x, w, 1e-5)
             np.testing.assert_allclose(f32(y1), f32(y1_ref), rtol=NORM_RTOL[dtype], atol=1e-6)
 
+    @pytest.mark.parametrize("parts", [1, 3, 4])
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+    def test_partials(self, dtype, parts) -> None:
+        """delta as ``[S, *x.shape]`` f32 partial sums: the kernel's (s, y) equal, bit for
+        bit, its (s, y) for their f32 sum rounded to x's dtype (so do the reference's); s
+        equals the reference's fed the partials, y within NORM_RTOL of it. A missing
+        partial moves s by O(1)."""
+        shape = self.SHAPES[-1]
+        x, _, w = _norm_problem(parts, shape, dtype)
+        partials, delta = random_partials(parts, (parts, *shape), dtype)
+        got = self.add_norm(x, partials, w, 1e-5)
+        want = self.add_norm(x, delta, w, 1e-5)
+        ref = norm_mod.add_rms_norm_reference(x, partials, w, 1e-5)
+        ref_want = norm_mod.add_rms_norm_reference(x, delta, w, 1e-5)
+        assert got[0].dtype == got[1].dtype == dtype
+        for a, a_want in (*zip(got, want, strict=True), *zip(ref, ref_want, strict=True)):
+            np.testing.assert_array_equal(f32(a), f32(a_want))
+        np.testing.assert_array_equal(f32(got[0]), f32(ref[0]))
+        np.testing.assert_allclose(f32(got[1]), f32(ref[1]), rtol=NORM_RTOL[dtype], atol=1e-6)
+
 
 @pytest.mark.usefixtures("on_cpu")
 class TestNormInterpret(_NormCases):
@@ -368,6 +434,9 @@ class TestNormInterpret(_NormCases):
             add_rms_norm(x, delta.astype(jnp.bfloat16), w, 1e-5, implementation="triton")
         with pytest.raises(ValueError, match="weight"):
             add_rms_norm(x, delta, w[:8], 1e-5)
+        for bad in (delta[None, :1], delta[:, None], delta[None, None], delta[None][:0]):
+            with pytest.raises(ValueError, match="partial sums"):
+                add_rms_norm(x, bad, w, 1e-5)
         wide = jnp.ones((1, 2 * norm_mod.MAX_WIDTH), jnp.float32)
         with pytest.raises(NotImplementedError, match="rows"):
             norm_mod.rms_norm(wide, wide[0], 1e-5, implementation="triton")
@@ -396,10 +465,17 @@ def test_kernels_lower_for_the_gpu() -> None:
         assert text.count("__gpu$xla.gpu.triton") == (1 if cfg.splits == 1 else 2)
         assert "output_operand_alias" in text  # the caches are written in place
     # The qkv variant: the kernels and bitcasts only (no XLA slice or RoPE fusion left).
-    for hd, cfg in ((128, Config(splits=1)), (64, Config(block_s=32, splits=4))):
+    # Also fed f32 split-K partials [P, B, F]: no XLA sum left either.
+    for hd, cfg, parts in (
+        (128, Config(splits=1), ()),
+        (64, Config(block_s=32, splits=4), ()),
+        (128, Config(splits=1), (3,)),
+    ):
         kw = dict(scale=hd**-0.5, implementation="triton", config=cfg, num_heads=kh * g)
         fn = jax.jit(functools.partial(decode_attention_update_qkv, num_kv_heads=kh, **kw))
-        qkv, cos = sds((b, (kh * g + 2 * kh) * hd), bf16), sds((b, hd), jnp.float32)
+        qkv_dtype = jnp.float32 if parts else bf16
+        qkv = sds((*parts, b, (kh * g + 2 * kh) * hd), qkv_dtype)
+        cos = sds((b, hd), jnp.float32)
         kv = sds((b, s, kh, hd), bf16)
         with jax.sharding.use_abstract_mesh(mesh):
             text = fn.trace(qkv, cos, cos, kv, kv, index, valid).lower(lowering_platforms=("cuda",))
@@ -410,9 +486,12 @@ def test_kernels_lower_for_the_gpu() -> None:
         assert ops == {"custom_call", "reshape"}, ops
     x = sds((3, 1, 4096), bf16)
     fn = jax.jit(lambda x, d, w: add_rms_norm(x, d, w, 1e-5, implementation="triton"))
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = fn.trace(x, x, sds((4096,), bf16)).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 1
+    for delta in (x, sds((4, *x.shape), jnp.float32)):  # the sum of partials is the kernel's
+        with jax.sharding.use_abstract_mesh(mesh):
+            text = fn.trace(x, delta, sds((4096,), bf16)).lower(lowering_platforms=("cuda",))
+            text = text.as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 1
+        assert set(re.findall(r"stablehlo\.(\w+)", text)) - {"mesh"} == {"custom_call", "reshape"}
 
 
 # ----------------------------------------------------------------------------- the model

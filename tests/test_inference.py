@@ -58,8 +58,10 @@ def test_int4_params_match_fake_quantization(tiny):
     _, q = tiny
     int4 = prepare_for_inference(q)
     kernels = jax.tree.leaves(int4["layers"], is_leaf=lambda x: isinstance(x, Int4Linear))
-    # qkv, o, gate_up, down in each layer
+    # qkv, o, gate_up, down in each layer; gate/up interleaved, SwiGLU in the kernel call
     assert sum(isinstance(k, Int4Linear) for k in kernels) == 4 * TINY.num_layers
+    gate_up = int4["layers"][0]["mlp"]["gate_up_proj"]["kernel"]
+    assert gate_up.epilogue == "swiglu" and gate_up.weight.n == 2 * TINY.intermediate_size
     tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, TINY.vocab_size)
     # Same integer weights, same float32 math up to summation order.
     np.testing.assert_allclose(
@@ -112,4 +114,51 @@ def test_gpu_kernels_generate_like_the_reference():
     tokens = jax.random.randint(jax.random.key(1), (3, 16), 0, config.vocab_size)
     a = np.asarray(forward(config, fast, tokens), np.float32)
     b = np.asarray(forward(config, ref, tokens), np.float32)
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-2  # bf16 activations
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+def test_gpu_int4_decode_steps_match_the_reference():
+    """Decode steps through the decode kernel's epilogues give the XLA matmuls' logits:
+    qkv's split-K partials added by the attention kernel, o_proj's and down_proj's by the
+    norm kernels, SwiGLU computed in gate_up's epilogue (2F / 64 >= 100 row tiles)."""
+    from awq_jax.generate import prefill
+    from awq_jax.model import Transformer, causal_mask
+
+    config = dataclasses.replace(
+        TINY,
+        hidden_size=2048,  # K = 2048: two split-K partials for qkv and o_proj
+        intermediate_size=3584,  # two for down_proj
+        num_heads=16,
+        num_kv_heads=4,
+        head_dim=128,
+        qkv_bias=False,
+    )
+    params = init_params(config, jax.random.key(0), jnp.bfloat16)
+    q = rtn_quantize(config, params, SearchSettings(group_size=128))
+
+    @jax.jit
+    def decode_logits(params):
+        tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, config.vocab_size)
+        valid = jnp.ones((2, 8), bool)
+        _, cache = prefill(config, params, tokens, valid, max_len=12)
+        out = []
+        for i, tok in enumerate(([7, 3], [11, 2])):
+            mask = causal_mask(jnp.full((2, 1), 8 + i), jnp.ones((2, 12), bool))
+            logits, cache = Transformer(config).apply(
+                {"params": params},
+                jnp.asarray(tok)[:, None],
+                jnp.full((2, 1), 8 + i),
+                mask,
+                cache,
+                8 + i,
+            )
+            out.append(logits[:, 0])
+        return jnp.stack(out)
+
+    fast = prepare_for_inference(q)  # dispatch: the Mosaic decode kernel at M = 2
+    assert fast["layers"][0]["mlp"]["gate_up_proj"]["kernel"].epilogue == "swiglu"
+    a = np.asarray(decode_logits(fast), np.float32)
+    b = np.asarray(decode_logits(prepare_for_inference(q, implementation="xla")), np.float32)
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-2  # bf16 activations

@@ -11,6 +11,7 @@ where there is none.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar
 
 import jax
@@ -60,6 +61,22 @@ def random_weight(
     )
     rep = lambda a: np.repeat(a.astype(np.float64), group_size, axis=0)  # noqa: E731
     return w, (q.astype(np.float64) - rep(z)) * rep(s)
+
+
+def random_swiglu_weight(rng: np.random.Generator, k: int, f: int, group_size: int, fmt: str):
+    """A gate/up pair interleaved for ``epilogue="swiglu"``; returns (Int4Weight of N = 2f,
+    float64 gate [K, f], float64 up [K, f])."""
+    w, w_kn = random_weight(rng, k, 2 * f, group_size, fmt=fmt)  # its codes, re-laid out:
+    q, s, z = (np.asarray(a) for a in (w.codes_nk().T, w.scales_gn, w.zeros_gn))
+    il = lambda a: layout.interleave_gate_up(jnp.asarray(a[:, :f]), jnp.asarray(a[:, f:]))  # noqa: E731
+    w = prepare_weight(il(q), il(s), il(z), group_size=group_size, fmt=fmt)
+    return w, w_kn[:, :f], w_kn[:, f:]
+
+
+def swiglu_truth(x: jax.Array, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    g = x64 @ gate
+    return g / (1 + np.exp(-g)) * (x64 @ up)
 
 
 def rel_err(out: jax.Array, truth: np.ndarray) -> float:
@@ -202,16 +219,47 @@ class TestMosaicInterpret(_Int4MatmulCases):
         out = pallas_mosaic_gpu.int4_matmul_mosaic(x, w, config=self.CONFIGS[4], interpret=True)
         assert rel_err(out, np.asarray(x, np.float64) @ w_kn) < TOLERANCE[jnp.bfloat16]
 
+    def test_partial_sums_and_swiglu(self) -> None:
+        """Split-K partials ``[S, M, N]`` that sum to the product, and the SwiGLU epilogue
+        on an interleaved gate/up weight (applied after the sum: no cluster here)."""
+        rng = np.random.default_rng(12)
+        cfg = pallas_mosaic_gpu.Config(block_n=64, block_k=128, split_k=2, a_in_smem=True)
+        w, gate, up = random_swiglu_weight(rng, 256, 64, 64, fmt="s4")
+        x = jnp.asarray(rng.standard_normal((3, 256)), jnp.bfloat16)
+        run = functools.partial(pallas_mosaic_gpu.int4_matmul_mosaic, config=cfg, interpret=True)
+        parts = run(x, w, partial_sums=True)
+        assert parts.shape == (2, 3, 128) and parts.dtype == jnp.float32
+        truth = np.asarray(x, np.float64) @ np.concatenate([gate, up], axis=1)
+        unleave = lambda y: np.asarray(y).reshape(3, -1, 2, 8).transpose(0, 2, 1, 3)  # noqa: E731
+        # the partials are the interleaved product's: compare gate and up blocks separately
+        got = unleave(parts.sum(0)).reshape(3, 2, -1)
+        want = truth.reshape(3, 2, -1)
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < TOLERANCE[jnp.bfloat16]
+        out = run(x, w, epilogue="swiglu")
+        assert out.shape == (3, 64) and out.dtype == jnp.bfloat16
+        assert rel_err(out, swiglu_truth(x, gate, up)) < TOLERANCE[jnp.bfloat16]
+
     def test_lowers_for_the_gpu(self) -> None:
-        """The register-operand kernel (the one the GPU runs) lowers to Mosaic GPU on any host."""
+        """The register-operand kernel (the one the GPU runs) lowers to Mosaic GPU on any
+        host, with each epilogue: XLA-summed, partial sums out, cluster-reduced, SwiGLU."""
         w, _ = random_weight(np.random.default_rng(2), 1024, 256, 128, fmt="s4")
-        x = jax.ShapeDtypeStruct((16, 1024), jnp.bfloat16)
-        for cfg in (
-            pallas_mosaic_gpu.Config(block_n=128, block_k=256, split_k=2),
-            pallas_mosaic_gpu.Config(block_n=64, block_k=256, split_k=4, cluster_reduce=True),
-        ):
+        cases = [
+            (16, pallas_mosaic_gpu.Config(block_n=128, block_k=256, split_k=2), {}),
+            (1, pallas_mosaic_gpu.Config(block_n=64, split_k=4), {"partial_sums": True}),
+            (40, pallas_mosaic_gpu.Config(block_n=64, block_m=16), {"partial_sums": True}),
+            (16, pallas_mosaic_gpu.Config(block_n=64, split_k=4, cluster_reduce=True), {}),
+        ]
+        cases += [
+            (m, pallas_mosaic_gpu.Config(block_n=bn, split_k=sk, cluster_reduce=True), swiglu)
+            for m, bn, sk in ((1, 64, 1), (16, 64, 2), (3, 128, 2))
+            for swiglu in [{"epilogue": "swiglu"}]
+        ]
+        for m, cfg, kw in cases:
+            x = jax.ShapeDtypeStruct((m, 1024), jnp.bfloat16)
             fn = jax.jit(
-                lambda x, w, cfg=cfg: pallas_mosaic_gpu.int4_matmul_mosaic(x, w, config=cfg)
+                lambda x, w, cfg=cfg, kw=kw: pallas_mosaic_gpu.int4_matmul_mosaic(
+                    x, w, config=cfg, **kw
+                )
             )
             text = fn.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
             assert "mosaic_gpu" in text
@@ -322,6 +370,69 @@ class TestGpu(_Int4MatmulCases):
             return jax.jit(fn)(x, w)
         except NotImplementedError as e:
             pytest.skip(f"{self._impl} does not support this shape: {e}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+class TestGpuEpilogues:
+    """The decode kernel's epilogues on the GPU: split-K partial sums out (one and several
+    M tiles), and SwiGLU from the accumulators (one CTA per row tile, clusters of 2),
+    against float64 truths; dispatch's choice for the model's shapes too."""
+
+    CFG = pallas_mosaic_gpu.Config
+
+    @pytest.mark.parametrize("fmt", ["u4_wgmma", "s4"])
+    @pytest.mark.parametrize(
+        "m, cfg",
+        [
+            (1, CFG(block_n=64, split_k=4)),
+            (16, CFG(block_n=64, split_k=4)),
+            (40, CFG(block_n=64, block_m=16, split_k=2)),
+            (3, CFG(block_n=64, cluster_reduce=True)),
+        ],
+    )
+    def test_partial_sums(self, m, cfg, fmt) -> None:
+        rng = np.random.default_rng(m)
+        w, w_kn = random_weight(rng, 2048, 512, 128, fmt=fmt)
+        x = jnp.asarray(rng.standard_normal((m, 2048)), jnp.bfloat16)
+        fn = jax.jit(
+            lambda x, w: pallas_mosaic_gpu.int4_matmul_mosaic(x, w, config=cfg, partial_sums=True)
+        )
+        parts = fn(x, w)
+        want_s = 1 if cfg.cluster_reduce else cfg.split_k
+        assert parts.shape == (want_s, m, 512)
+        assert (
+            rel_err(parts.astype(jnp.float32).sum(0), np.asarray(x, np.float64) @ w_kn)
+            < (TOLERANCE[jnp.bfloat16])
+        )
+
+    @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+    @pytest.mark.parametrize(
+        "m, cfg",
+        [
+            (1, CFG(block_n=64, cluster_reduce=True)),
+            (16, CFG(block_n=64, cluster_reduce=True)),
+            (5, CFG(block_n=64, split_k=2, cluster_reduce=True)),
+            (9, CFG(block_n=128, split_k=2, cluster_reduce=True)),
+            (3, CFG(block_n=64, split_k=4)),  # no cluster: XLA applies it after the sum
+            (16, None),  # dispatch
+        ],
+    )
+    def test_swiglu(self, m, cfg, dtype) -> None:
+        rng = np.random.default_rng(100 + m)
+        w, gate, up = random_swiglu_weight(rng, 2048, 3584, 128, fmt="u4_wgmma")
+        x = jnp.asarray(rng.standard_normal((m, 2048)), dtype)
+        if cfg is None:
+            fn = jax.jit(lambda x, w: int4_matmul(x, w, epilogue="swiglu"))
+        else:
+            fn = jax.jit(
+                lambda x, w: pallas_mosaic_gpu.int4_matmul_mosaic(
+                    x, w, config=cfg, epilogue="swiglu"
+                )
+            )
+        out = fn(x, w)
+        assert out.shape == (m, 3584) and out.dtype == dtype
+        assert rel_err(out, swiglu_truth(x, gate, up)) < TOLERANCE[dtype]
 
 
 @pytest.mark.gpu
@@ -449,6 +560,31 @@ class TestLayoutAndApi:
         x = np.random.default_rng(9).standard_normal((2, 256)).astype(np.float32)
         out = int4_matmul(jnp.asarray(x), w)  # f32: no kernel takes it; the reference does
         assert out.dtype == jnp.float32 and rel_err(out, x @ w_kn) < 1e-5
+
+    def test_swiglu_epilogue_and_partial_sums(self) -> None:
+        """``epilogue="swiglu"`` on an interleaved weight is silu(x @ gate) * (x @ up) for
+        every layout; ``partial_sums`` stacks terms that sum to the product; bad combos
+        raise."""
+        rng = np.random.default_rng(13)
+        x = jnp.asarray(rng.standard_normal((2, 3, 256)), jnp.bfloat16)
+        for fmt in layout.FORMATS:
+            w, gate, up = random_swiglu_weight(rng, 256, 48, 128, fmt=fmt)
+            out = jax.jit(lambda x, w: int4_matmul(x, w, epilogue="swiglu"))(x, w)
+            assert out.shape == (2, 3, 48) and out.dtype == jnp.bfloat16
+            assert rel_err(out, swiglu_truth(x, gate, up)) < TOLERANCE[jnp.bfloat16]
+            parts = int4_matmul(x, w, partial_sums=True)
+            plain = int4_matmul(x, w)
+            assert parts.shape[1:] == plain.shape and parts.ndim == 4
+            np.testing.assert_array_equal(parts.astype(jnp.float32).sum(0), plain)
+        with pytest.raises(ValueError, match="partial_sums"):
+            int4_matmul(x, w, epilogue="swiglu", partial_sums=True)
+        with pytest.raises(ValueError, match="epilogue"):
+            int4_matmul(x, w, epilogue="gelu")
+        w40, _ = random_weight(rng, 256, 40, 128)
+        with pytest.raises(ValueError, match="multiple of 16"):
+            int4_matmul(x, w40, epilogue="swiglu")
+        with pytest.raises(ValueError, match="multiple of 8"):
+            layout.interleave_gate_up(jnp.zeros((4, 12)), jnp.zeros((4, 12)))
 
     def test_unknown_implementation(self) -> None:
         w, _ = random_weight(np.random.default_rng(0), 64, 16, 32)
