@@ -95,6 +95,10 @@ TARGET_PROGRAMS = 256
 MIN_KEYS_PER_SPLIT = 256
 # Up to this many programs without splits, steps of 128 keys instead of 64.
 FEW_PROGRAMS = 64
+# Up to this many programs (batch 1 of 8 kv heads) short caches still split this many
+# ways, down to blocks of 64 keys: decode steps stop at their own position, so the
+# splits past it cost one early exit each.
+BATCH1_PROGRAMS, BATCH1_SPLITS = 8, 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,12 +122,15 @@ def default_config(batch: int, kv_heads: int, seq: int) -> Config:
 
     Fitted to the H100 sweep (run 39, docs/benchmarks/decode-kernels-h100.md; 8 kv
     heads, us): batch 8 takes 4 splits (S = 2048 / 4096: 28.3 / 50.0 against 30.7 /
-    56.2 with 2), batch 1 at S = 384 one split of 128-key steps (6.9 against 8.5 with
-    64), batch 1 at 2048 / 4096 8 / 16 splits, batch 32 none (its 256 programs fill the
-    GPU; 128-key steps were slower there: 22.9 against 19.9 at S = 384).
+    56.2 with 2), batch 1 at 2048 / 4096 8 / 16 splits, batch 32 none (its 256 programs
+    fill the GPU; 128-key steps were slower there: 22.9 against 19.9 at S = 384). Batch 1
+    at S = 384 (run 50, in the 8B-shaped int4 generate loop, 128 + 256 tokens): 4 splits
+    of 64-key steps 387.5 tok/s, 2 splits 380.6, one split of 128-key steps 374.8-376.3.
     """
     programs = batch * kv_heads
     splits = min(max(1, TARGET_PROGRAMS // programs), max(1, seq // MIN_KEYS_PER_SPLIT))
+    if programs <= BATCH1_PROGRAMS:
+        splits = max(splits, min(BATCH1_SPLITS, seq // 64))
     block_s = 128 if splits == 1 and programs <= FEW_PROGRAMS else 64
     return Config(block_s=block_s, splits=splits)
 
@@ -190,8 +197,13 @@ def _write_step(k_bskh, v_bskh, k_new_bkh, v_new_bkh, index):
 def decode_attention_update_reference(
     q_bnh, k_new_bkh, v_new_bkh, k_bskh, v_bskh, index, valid_bs, *, scale: float
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Writes the step's key/value at ``index`` (dynamic_update_slice), then attends."""
+    """Writes the step's key/value at ``index`` (dynamic_update_slice, which clamps it),
+    then attends to the valid keys at positions ``<= index``: a decode step's query never
+    sees later keys (the model's causal mask says the same), so the kernel stops there."""
     k_bskh, v_bskh = _write_step(k_bskh, v_bskh, k_new_bkh, v_new_bkh, index)
+    s = k_bskh.shape[1]
+    causal = jnp.arange(s) <= jnp.clip(index, 0, s - 1)
+    valid_bs = valid_bs.astype(bool) & causal[None, :]
     out = decode_attention_reference(q_bnh, k_bskh, v_bskh, valid_bs, scale=scale)
     return out, k_bskh, v_bskh
 
@@ -313,6 +325,8 @@ def _attention_kernel(
         keys = start + jnp.arange(bs)
         ok = pltriton.load(valid_ref.at[b, pl.ds(start, bs)], mask=keys < seq, other=0)
         ok = (ok != 0) & (keys < seq)
+        if update:  # causal: nothing after the step's own position
+            ok &= keys <= index
         k = pltriton.load(k_ref.at[b, pl.ds(start, bs), kh, :], mask=ok[:, None], other=0)
         v = pltriton.load(v_ref.at[b, pl.ds(start, bs), kh, :], mask=ok[:, None], other=0)
         if update:
@@ -346,7 +360,11 @@ def _attention_kernel(
         jnp.full((block_g,), -jnp.inf, jnp.float32),
         jnp.zeros((block_g,), jnp.float32),
     )
-    acc, m, l = jax.lax.fori_loop(0, keys_per_split // bs, body, init)
+    steps = keys_per_split // bs
+    if update:  # only the blocks up to the step's position: at batch-1 decode the loop
+        # is most of the kernel, and a cache sized for the whole generation is mostly ahead
+        steps = jnp.clip(pl.cdiv(index + 1 - first, bs), 0, steps)
+    acc, m, l = jax.lax.fori_loop(0, steps, body, init)
     if cfg.splits == 1:
         (o_ref,) = out_refs
         out = acc / jnp.where(l > 0, l, 1.0)[:, None]
@@ -552,7 +570,8 @@ def decode_attention_update(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Writes the step's key and value rows ``[B, K, H]`` at cache position ``index``
     (a scalar, clamped into ``[0, S)`` like ``lax.dynamic_update_slice``) and attends
-    over the updated cache; returns ``(out [B, N, H], k cache, v cache)``.
+    over the updated cache's valid keys at positions ``<= index`` (causal: the kernel
+    reads no block past the step's own); returns ``(out [B, N, H], k cache, v cache)``.
 
     The kernel updates the caches in place (no copy where XLA can donate their buffers,
     as in the decode loop). Other arguments as for :func:`decode_attention`.

@@ -9,8 +9,9 @@ the relative error; a failed check is not timed):
 - ``attention``: `decode_attention` (the kernel alone) against the XLA path on
   Llama-3-8B's attention shape (K=8 kv heads, G=4, H=128, bf16), batch 1/8/32, cache
   length S = 384 / 2048 / 4096, every key valid; the Triton kernel over a sweep of
-  ``block_s`` x ``splits`` (and the default config, marked). Rotating cache sets
-  (> 256 MB in all, at least 2) so each call reads HBM, as the model's 32 layers do.
+  ``block_s`` x ``splits`` x ``num_warps`` (and the default config, marked). Rotating
+  cache sets (> 256 MB in all, at least 2) so each call reads HBM, as the model's 32
+  layers do.
 - ``attention_update``: `decode_attention_update` (the cache write folded in) against
   XLA's two dynamic_update_slice + attention, for the default and the best swept config.
   Timed inside a ``fori_loop`` with the caches as loop carries, as in the generate loop
@@ -59,8 +60,9 @@ class Setup:
     q_per_kv: int = 4
     head_dim: int = 128
     width: int = 4096
-    block_s: tuple[int, ...] = (32, 64, 128)
+    block_s: tuple[int, ...] = (32, 64, 128, 256)
     splits: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    num_warps: tuple[int, ...] = (4, 8)
     smoke: bool = False
 
 
@@ -73,6 +75,7 @@ SMOKE = Setup(
     width=64,
     block_s=(16,),
     splits=(2,),
+    num_warps=(4,),
     smoke=True,
 )
 
@@ -137,10 +140,9 @@ def _cache_sets(setup: Setup, b: int, s: int, seed: int) -> list[tuple]:
 def _attention_configs(setup: Setup, b: int, s: int) -> list[Config]:
     """The sweep: splits that leave each >= one block of keys and <= 1024 programs."""
     cands = []
-    for bs in setup.block_s:
-        for sp in setup.splits:
-            if s // sp >= bs and b * setup.kv_heads * sp <= 1024:
-                cands.append(Config(block_s=bs, splits=sp))
+    for bs, sp, warps in itertools.product(setup.block_s, setup.splits, setup.num_warps):
+        if s // sp >= bs and b * setup.kv_heads * sp <= 1024:
+            cands.append(Config(block_s=bs, splits=sp, num_warps=warps))
     default = attention.default_config(b, setup.kv_heads, s)
     return [default] + [c for c in cands if c != default]
 
@@ -296,7 +298,8 @@ def _cfg_text(r: dict | None) -> str:
         return "-"
     if r["config"] is None:
         return f"warps {r.get('num_warps') or 'auto'}"
-    return f"bs {r['config']['block_s']}, splits {r['config']['splits']}"
+    c = r["config"]
+    return f"bs {c['block_s']}, splits {c['splits']}, warps {c['num_warps']}"
 
 
 def markdown_table(records: list[dict]) -> str:

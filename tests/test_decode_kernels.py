@@ -290,6 +290,27 @@ class TestAttentionInterpret(_AttentionCases):
 
 @pytest.mark.usefixtures("on_cpu")
 class TestAttentionEdges:
+    def test_update_attends_to_no_key_after_the_step(self) -> None:
+        """Valid keys after ``index`` are not attended (causal): the kernel stops at the
+        step's block (whole splits past it read nothing) and the reference masks them."""
+        q, k, v, k_new, v_new = random_problem(3, 2, 100, 2, 2, 16, jnp.float32)
+        index, valid = 37, jnp.ones((2, 100), bool)
+        k1, v1 = k.at[:, index].set(k_new), v.at[:, index].set(v_new)
+        causal = valid & (jnp.arange(100) <= index)
+        want = decode_attention(q, k1, v1, causal, scale=0.25, implementation="xla")
+        everything = decode_attention(q, k1, v1, valid, scale=0.25, implementation="xla")
+        assert rel_err(want, everything) > 1e-2  # the keys after index matter
+        for kw in (
+            dict(implementation="xla"),
+            dict(implementation="triton", interpret=True, config=Config(block_s=16)),
+            dict(implementation="triton", interpret=True, config=Config(block_s=16, splits=3)),
+        ):
+            out, k2, _ = decode_attention_update(
+                q, k_new, v_new, k, v, index, valid, scale=0.25, **kw
+            )
+            np.testing.assert_allclose(f32(out), f32(want), rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(f32(k2), f32(k1))
+
     def test_row_without_keys_is_zero(self) -> None:
         q, k, v, _, _ = random_problem(0, 2, 20, 2, 2, 16, jnp.float32)
         valid = decode_mask(2, 20, 9).at[1].set(False)
@@ -357,13 +378,16 @@ class TestAttentionEdges:
             decode_attention_update_qkv(qkv3, *args[1:], scale=0.25, num_heads=3, num_kv_heads=2)
 
     def test_default_config_fills_the_gpu(self) -> None:
-        """Batch 1 splits S (8 kv heads x 1 program would leave most SMs idle); batch
-        32 does not; short caches keep >= MIN_KEYS_PER_SPLIT keys per split."""
+        """Batch 1 splits S (8 kv heads x 1 program would leave most SMs idle), short
+        caches too; batch 32 does not; beyond batch 1 short caches keep >=
+        MIN_KEYS_PER_SPLIT keys per split."""
         assert attention.default_config(1, 8, 4096).splits == 16
-        assert attention.default_config(1, 8, 384) == Config(block_s=128, splits=1)
+        assert attention.default_config(1, 8, 384) == Config(block_s=64, splits=4)
+        assert attention.default_config(1, 8, 100) == Config(block_s=128, splits=1)
+        assert attention.default_config(8, 8, 384) == Config(block_s=128, splits=1)
         assert attention.default_config(8, 8, 2048) == Config(block_s=64, splits=4)
         assert attention.default_config(32, 8, 4096) == Config(block_s=64, splits=1)
-        for b, s in ((1, 384), (1, 2048), (8, 2048), (32, 4096)):
+        for b, s in ((8, 384), (1, 2048), (8, 2048), (32, 4096)):
             cfg = attention.default_config(b, 8, s)
             assert s // cfg.splits >= attention.MIN_KEYS_PER_SPLIT or cfg.splits == 1
 
