@@ -2,6 +2,9 @@
 
 w = prepare_weight(q_kn, scales_gn, zeros_gn, group_size=128)   # once, at load
 y = int4_matmul(x, w)                                             # [..., K] -> [..., N]
+h = int4_matmul(x, w_gate_up, epilogue="swiglu")   # layout.interleave_gate_up'd: silu(g) * u
+p = int4_matmul(x, w, partial_sums=True)           # [S, ..., N]: split-K terms, for ...
+s, y = add_rms_norm(x, p, weight, eps)             # ... a consumer that adds them itself
 out, k, v = decode_attention_update(q, k_new, v_new, k, v, index, valid, scale=...)
 out, k, v = decode_attention_update_qkv(qkv, cos, sin, k, v, index, valid, num_heads=...,
                                         num_kv_heads=..., scale=...)  # split + RoPE inside

@@ -99,6 +99,9 @@ FEW_PROGRAMS = 64
 # ways, down to blocks of 64 keys: decode steps stop at their own position, so the
 # splits past it cost one early exit each.
 BATCH1_PROGRAMS, BATCH1_SPLITS = 8, 4
+# Shared memory the loop's pipelined K and V blocks may take (H100: 227 KB per block):
+# num_stages x 2 x block_s x H x itemsize. bf16 at H = 128 fits 128-key blocks, f32 64.
+SMEM_BUDGET = 200 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,10 +406,31 @@ def _combine_kernel(o_ref, m_ref, l_ref, out_ref, *, g: int, block_g: int, split
     pltriton.store(out_ref.at[b, kh, rows, :], out.astype(out_ref.dtype), mask=row_ok[:, None])
 
 
+def _block_bytes(cfg: Config, h: int, itemsize: int) -> int:
+    return cfg.num_stages * 2 * cfg.block_s * h * itemsize
+
+
+def fit_config(cfg: Config, seq: int, h: int, itemsize: int) -> Config:
+    """``cfg`` with ``block_s`` no longer than a split's keys need (>= 16) and halved
+    until the pipelined blocks fit :data:`SMEM_BUDGET` (the default config is sized for
+    bf16; f32 caches of 128-wide heads need half the keys per block)."""
+    per = pl.cdiv(seq, cfg.splits)
+    bs = min(cfg.block_s, max(MIN_DOT, pl.next_power_of_2(per)))
+    cfg = dataclasses.replace(cfg, block_s=bs)
+    while cfg.block_s > MIN_DOT and _block_bytes(cfg, h, itemsize) > SMEM_BUDGET:
+        cfg = dataclasses.replace(cfg, block_s=cfg.block_s // 2)
+    return cfg
+
+
 def check_supported(q_bnh, k_bskh, v_bskh, cfg: Config) -> None:
     """Raises NotImplementedError for inputs or configs the kernel cannot run."""
     h = q_bnh.shape[-1]
     problems = []
+    if _block_bytes(cfg, h, k_bskh.dtype.itemsize) > SMEM_BUDGET:
+        problems.append(
+            f"{cfg.num_stages} stages of {cfg.block_s}-key K and V blocks of {h} x "
+            f"{k_bskh.dtype} need more than {SMEM_BUDGET} bytes of shared memory"
+        )
     if not (_is_pow2(h) and h >= MIN_DOT):
         problems.append(f"head_dim={h} must be a power of 2 >= {MIN_DOT}")
     if not (_is_pow2(cfg.block_s) and cfg.block_s >= MIN_DOT):
@@ -452,7 +476,7 @@ def _decode_attention_triton(
     if source == "qkv":
         q_src = q_src.reshape(*q_src.shape[:-1], -1, h)  # a bitcast: [[P,] B, heads, H]
     g = (q_src.shape[-2] - (2 * kh if source == "qkv" else 0)) // kh
-    cfg = config or default_config(b, kh, s)
+    cfg = config or fit_config(default_config(b, kh, s), s, h, k_bskh.dtype.itemsize)
     # The kernel's q: partials are summed to the caches' dtype.
     q = q_src if q_src.ndim == 3 else jax.ShapeDtypeStruct(q_src.shape[1:], k_bskh.dtype)
     check_supported(q, k_bskh, v_bskh, cfg)

@@ -22,9 +22,14 @@ would pad 1 token to 64 rows. Per CTA (one warpgroup):
   f32 accumulators into the leader's shared memory (``st.shared::cluster``), one
   ``barrier.cluster`` later the leader adds them and writes its rows of the ``[M, N]``
   output in x.dtype itself, so nothing runs after the kernel. Otherwise the grid is
-  ``(N / block_n, split_k, M / block_m)``, each CTA writes an f32 partial
-  ``[block_n, block_m]`` through shared memory and TMA and XLA sums the partials (one
-  small fusion): more CTAs than a cluster can co-schedule, for 4096-wide layers.
+  ``(N / block_n, split_k, M / block_m)`` and each CTA stores its f32 accumulator
+  transposed into its rows of an ``[split_k, M, N]`` array of partials (predicated to
+  the real tokens): more CTAs than a cluster can co-schedule, for 4096-wide layers. XLA
+  sums the partials (one small fusion), or with ``partial_sums=True`` the consumer does
+  (the decode step's norm and attention kernels: one kernel fewer per matmul).
+* ``epilogue="swiglu"`` (a gate/up weight interleaved in blocks of 8 rows): where the
+  kernel finishes the product itself (``cluster_reduce``) it stores ``silu(gate) * up``
+  from its f32 accumulators, a thread holding each gate row and its up row.
 
 ``scale_in_dequant=True`` instead multiplies each dequantized weight by its scale in
 x.dtype (one more packed multiply per two weights, one bf16 rounding of the scale) and

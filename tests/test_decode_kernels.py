@@ -377,6 +377,27 @@ class TestAttentionEdges:
             qkv3 = jnp.zeros((2, (3 + 4) * 16))
             decode_attention_update_qkv(qkv3, *args[1:], scale=0.25, num_heads=3, num_kv_heads=2)
 
+    def test_config_fits_shared_memory(self) -> None:
+        """The default config's blocks shrink to a short cache and to f32's itemsize (an
+        f32 cache of 128-wide heads at 128 keys asked the H100 for 392 KB, run 52); an
+        explicit config that does not fit is refused (dispatch falls back to XLA)."""
+        fit = attention.fit_config
+        assert fit(Config(block_s=128), 384, 128, 2) == Config(block_s=128)
+        assert fit(Config(block_s=128), 384, 128, 4) == Config(block_s=64)
+        assert fit(Config(block_s=64, splits=4), 384, 128, 2) == Config(block_s=64, splits=4)
+        assert fit(Config(block_s=128), 12, 128, 4) == Config(block_s=16)
+        q, k, v, _, _ = random_problem(0, 1, 20, 1, 1, 128, jnp.float32)
+        valid = jnp.ones((1, 20), bool)
+        kw = dict(scale=0.1, implementation="triton", interpret=True)
+        with pytest.raises(NotImplementedError, match="shared memory"):
+            decode_attention(q, k, v, valid, config=Config(block_s=128), **kw)
+        np.testing.assert_allclose(  # the fitted default runs
+            f32(decode_attention(q, k, v, valid, **kw)),
+            f32(decode_attention(q, k, v, valid, scale=0.1, implementation="xla")),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
     def test_default_config_fills_the_gpu(self) -> None:
         """Batch 1 splits S (8 kv heads x 1 program would leave most SMs idle), short
         caches too; batch 32 does not; beyond batch 1 short caches keep >=
