@@ -45,6 +45,10 @@ always sees its own key.
 key and value rows, and every program uses the new rows from registers at that position,
 so no program waits on another's write. This removes the two dynamic_update_slice
 kernels per layer; like ``lax.dynamic_update_slice``, ``index`` is clamped into the cache.
+A decode step's query never sees a key after its own position, so the update kernels
+attend to none (the reference masks them too) and their loop stops at the block holding
+``index``: the splits of a cache sized for the whole generation that lie ahead of the
+step exit at once.
 
 `decode_attention_update_qkv` takes the fused projection's output row as it is: a
 program loads its G query heads, its kv head's new key and value from it and applies

@@ -127,6 +127,19 @@ def rel_err(out: jax.Array, ref: jax.Array) -> float:
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
+def cupti_time(f, args: tuple, iterations: int = 20) -> tuple[float, dict[str, float]]:
+    """The median CUPTI time of one call of the jitted ``f(*args)`` in us (all its
+    kernels), and one call's time per kernel (names cut to 40 characters)."""
+    from jax.experimental.mosaic.gpu import profiler
+
+    _, times_ms = profiler.measure(f, iterations=iterations)(*args)
+    _, kernels = profiler.measure(f, aggregate=False)(*args)
+    per_kernel: dict[str, float] = {}
+    for name, ms in kernels or []:
+        per_kernel[name[:40]] = per_kernel.get(name[:40], 0.0) + 1e3 * ms
+    return 1e3 * statistics.median(times_ms), per_kernel
+
+
 def check_and_time(
     fn, xs: list[jax.Array], ws: list, ref_y: jax.Array | None, iterations: int = 20
 ) -> tuple[float, float | None, dict]:
@@ -137,8 +150,6 @@ def check_and_time(
     ``fn`` once per weight set (rotating past the L2); its warm-up output is checked
     (``ref_y=None``: nothing to check, a probe that computes no product; error 0).
     """
-    from jax.experimental.mosaic.gpu import profiler
-
     count = len(ws)
     xs = [xs[i % len(xs)] for i in range(count)]
     batched = jax.jit(lambda xs, ws: [fn(x, w) for x, w in zip(xs, ws, strict=True)])
@@ -146,12 +157,8 @@ def check_and_time(
     err = 0.0 if ref_y is None else rel_err(outs[0], ref_y)
     if not err < MAX_REL_ERR:
         return err, None, {}
-    _, times_ms = profiler.measure(batched, iterations=iterations)(xs, ws)
-    _, kernels = profiler.measure(batched, aggregate=False)(xs, ws)
-    per_kernel: dict[str, float] = {}
-    for name, ms in kernels or []:
-        per_kernel[name[:40]] = per_kernel.get(name[:40], 0.0) + 1e3 * ms / count
-    return err, 1e3 * statistics.median(times_ms) / count, per_kernel
+    us, per_kernel = cupti_time(batched, (xs, ws), iterations)
+    return err, us / count, {name: t / count for name, t in per_kernel.items()}
 
 
 def _bf16_dot(x_mk: jax.Array, w_kn: jax.Array) -> jax.Array:

@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import statistics
 
 import jax
 import jax.numpy as jnp
@@ -42,19 +41,9 @@ ITERATIONS = 20
 
 
 def _cupti_us(fn, *args) -> tuple[float, dict[str, float]]:
-    """Median CUPTI time of one call of ``fn(*args)`` (all its kernels) and, for one
-    call, the time per kernel name. Non-array arguments are static."""
-    from jax.experimental.mosaic.gpu import profiler
-
+    """`bench.cupti_time` of ``fn(*args)`` jitted; non-array arguments are static."""
     static = tuple(i for i, a in enumerate(args) if not isinstance(a, jax.Array))
-    f = jax.jit(fn, static_argnums=static)
-    jax.block_until_ready(f(*args))
-    _, times_ms = profiler.measure(f, iterations=ITERATIONS)(*args)
-    _, kernels = profiler.measure(f, aggregate=False)(*args)
-    per = {}
-    for name, ms in kernels or []:
-        per[name[:40]] = per.get(name[:40], 0.0) + 1e3 * ms
-    return 1e3 * statistics.median(times_ms), per
+    return bench.cupti_time(jax.jit(fn, static_argnums=static), args, ITERATIONS)
 
 
 def _matmul_records(device: str, ms: tuple[int, ...]) -> list[dict]:

@@ -194,7 +194,7 @@ def mosaic_config(
             )
             depth = _one_wave_depth(tiles * split_k, m, k, group_size, cfg)
             return dataclasses.replace(cfg, max_concurrent_steps=depth)
-    split_k = 4 if m <= 16 else max(1, k // (2048 if m <= 64 else k))
+    split_k = 4 if m <= 16 else max(1, k // 2048) if m <= 64 else 1
     while split_k > 1 and k % (split_k * block_k):
         split_k -= 1
     return pallas_mosaic_gpu.Config(block_n=64, block_k=block_k, split_k=split_k)

@@ -229,12 +229,9 @@ class TestMosaicInterpret(_Int4MatmulCases):
         run = functools.partial(pallas_mosaic_gpu.int4_matmul_mosaic, config=cfg, interpret=True)
         parts = run(x, w, partial_sums=True)
         assert parts.shape == (2, 3, 128) and parts.dtype == jnp.float32
-        truth = np.asarray(x, np.float64) @ np.concatenate([gate, up], axis=1)
-        unleave = lambda y: np.asarray(y).reshape(3, -1, 2, 8).transpose(0, 2, 1, 3)  # noqa: E731
-        # the partials are the interleaved product's: compare gate and up blocks separately
-        got = unleave(parts.sum(0)).reshape(3, 2, -1)
-        want = truth.reshape(3, 2, -1)
-        assert np.linalg.norm(got - want) / np.linalg.norm(want) < TOLERANCE[jnp.bfloat16]
+        x64 = np.asarray(x, np.float64)
+        truth = layout.interleave_gate_up(jnp.asarray(x64 @ gate), jnp.asarray(x64 @ up))
+        assert rel_err(parts.sum(0), np.asarray(truth, np.float64)) < TOLERANCE[jnp.bfloat16]
         out = run(x, w, epilogue="swiglu")
         assert out.shape == (3, 64) and out.dtype == jnp.bfloat16
         assert rel_err(out, swiglu_truth(x, gate, up)) < TOLERANCE[jnp.bfloat16]
