@@ -9,7 +9,8 @@ random weights created on the device (no download). int4 weights are RTN-quantiz
 group 128 (AWQ changes the values, not the shapes or the speed). Implementations:
 ``bf16`` (fused bf16 matmuls), ``int4`` (`Int4Linear`, dispatch picks the Pallas kernel),
 ``xla_int4`` (the same int4 weights, dequantized by XLA then ``jnp.dot``: what a JAX user gets
-without custom kernels).
+without custom kernels), ``int4_noprefetch`` (``int4`` without the cross-kernel L2 prefetch of
+the next linear's weight: the A/B of that mechanism).
 
 Timing: wall clock around a whole jitted call after a warm-up call (each call runs thousands of
 kernels, so dispatch overhead is negligible), median of ``repeats``. Prefill is timed alone;
@@ -103,16 +104,21 @@ def bench_generate_one(
 
 
 DEFAULT_CASES = ((1, 128), (8, 128), (32, 128), (1, 2048), (8, 2048), (32, 2048))
-IMPLS = ("int4", "xla_int4", "bf16")
+IMPLS = ("int4", "xla_int4", "bf16", "int4_noprefetch")
+
+
+def _replace_int4(int4: dict[str, Any], **changes) -> dict[str, Any]:
+    """The same int4 weights (same arrays) with ``changes`` to every `Int4Linear`."""
+    return jax.tree.map(
+        lambda x: dataclasses.replace(x, **changes) if isinstance(x, Int4Linear) else x,
+        int4,
+        is_leaf=lambda x: isinstance(x, Int4Linear),
+    )
 
 
 def _with_xla(int4: dict[str, Any]) -> dict[str, Any]:
     """The same int4 weights (same layout) run by the plain-XLA path."""
-    return jax.tree.map(
-        lambda x: dataclasses.replace(x, implementation="xla") if isinstance(x, Int4Linear) else x,
-        int4,
-        is_leaf=lambda x: isinstance(x, Int4Linear),
-    )
+    return _replace_int4(int4, implementation="xla", prefetch=None)
 
 
 def run_generate(
@@ -135,6 +141,7 @@ def run_generate(
     int4 = prepare_for_inference(q, implementation=None)
     del q
     xla_int4 = _with_xla(int4)
+    int4_noprefetch = _replace_int4(int4, prefetch=None)
     records = []
 
     def measure(impl: str, p: dict) -> None:
@@ -162,9 +169,11 @@ def run_generate(
 
     if "int4" in impls:
         measure("int4", int4)
+    if "int4_noprefetch" in impls:
+        measure("int4_noprefetch", int4_noprefetch)
     if "xla_int4" in impls:
         measure("xla_int4", xla_int4)
-    del int4, xla_int4
+    del int4, xla_int4, int4_noprefetch
     if "bf16" in impls:
         bf16 = prepare_for_inference(params)
         del params
@@ -250,6 +259,7 @@ def run_profile(out: Path, *, impls: tuple[str, ...] = ("int4", "bf16")) -> list
     variants = {
         "int4": lambda: prepare_for_inference(q, implementation=None),
         "xla_int4": lambda: _with_xla(prepare_for_inference(q, implementation=None)),
+        "int4_noprefetch": lambda: prepare_for_inference(q, implementation=None, prefetch=False),
         "bf16": lambda: prepare_for_inference(params),
     }
     records = []

@@ -13,7 +13,10 @@
 - the stacked layer axis is split into a list of per-layer trees, which the model runs as an
   unrolled loop with a per-layer KV cache: a scan over stacked weights slices (copies) each
   layer's weights and rewrites the stacked cache on every decode step, which costs a large
-  share of the memory bandwidth that decoding is bound by.
+  share of the memory bandwidth that decoding is bound by;
+- each `Int4Linear` of that list points at the weight of the linear that runs after it
+  (``prefetch``; the same arrays, no copy): at decode its kernel prefetches that weight
+  into the L2, so the bytes move while attention and the norms leave the memory idle.
 
 The model function is unchanged: only leaves and names of the params pytree differ.
 """
@@ -41,13 +44,17 @@ class Int4Linear:
     ``implementation`` is static (part of the pytree structure), so changing it retraces
     instead of silently reusing a compiled function: None = dispatch, or "xla", "triton",
     "mosaic", "mosaic_ws" (see `pallas_kernels.int4_matmul`). ``epilogue`` (static too) is
-    None or "swiglu" (`pallas_kernels.int4_matmul`'s argument of that name).
+    None or "swiglu" (`pallas_kernels.int4_matmul`'s argument of that name). ``prefetch``
+    is the weight of the linear that runs next (or None), set by `prepare_for_inference`.
     """
 
     weight: Any  # pallas_kernels.Int4Weight
     implementation: str | None = dataclasses.field(default=None, metadata={"static": True})
     # "swiglu": the weight is gate/up interleaved and the linear returns silu(gate) * up.
     epilogue: str | None = dataclasses.field(default=None, metadata={"static": True})
+    # The next linear's weight (the same device arrays, no copy): the decode kernel
+    # prefetches it into the L2 (`pallas_kernels.int4_matmul`'s ``prefetch``).
+    prefetch: Any = None
 
 
 def _to_int4(
@@ -110,8 +117,10 @@ def prepare_for_inference(
     fuse: bool = True,
     unstack: bool = True,
     implementation: str | None = None,
+    prefetch: bool = True,
 ) -> Params:
-    """Fused projections, `Int4Linear` kernels, one param tree per layer (module docstring)."""
+    """Fused projections, `Int4Linear` kernels, one param tree per layer (module docstring);
+    ``prefetch``: each unstacked `Int4Linear` points at the next one's weight."""
     layers = dict(params["layers"])
     if fuse:
         layers["self_attn"] = _fuse(layers["self_attn"], ("q_proj", "k_proj", "v_proj"), "qkv_proj")
@@ -128,7 +137,41 @@ def prepare_for_inference(
     if unstack:
         n = jax.tree.leaves(layers)[0].shape[0]
         layers = [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)]
+        if prefetch:
+            layers = _chain_prefetch(layers)
     return {**params, "layers": layers}
+
+
+# The linears of a decoder layer in the order a forward pass runs them.
+_RUN_ORDER = (
+    ("self_attn", "q_proj"),
+    ("self_attn", "k_proj"),
+    ("self_attn", "v_proj"),
+    ("self_attn", "qkv_proj"),
+    ("self_attn", "o_proj"),
+    ("mlp", "gate_proj"),
+    ("mlp", "up_proj"),
+    ("mlp", "gate_up_proj"),
+    ("mlp", "down_proj"),
+)
+
+
+def _chain_prefetch(layers: list[Params]) -> list[Params]:
+    """Each `Int4Linear` gets the weight of the one that runs after it (through the
+    layers; the last gets none): its decode kernel prefetches that weight into the L2."""
+    sites = [
+        (i, mod, name)
+        for i, layer in enumerate(layers)
+        for mod, name in _RUN_ORDER
+        if isinstance(layer.get(mod, {}).get(name, {}).get("kernel"), Int4Linear)
+    ]
+    layers = [{k: dict(v) if isinstance(v, dict) else v for k, v in ly.items()} for ly in layers]
+    for (i, mod, name), nxt in zip(sites, [*sites[1:], None], strict=False):
+        linear = dict(layers[i][mod][name])
+        following = None if nxt is None else layers[nxt[0]][nxt[1]][nxt[2]]["kernel"].weight
+        linear["kernel"] = dataclasses.replace(linear["kernel"], prefetch=following)
+        layers[i][mod][name] = linear
+    return layers
 
 
 def weight_bytes(params: Params, *, linear_only: bool = False) -> int:
@@ -139,6 +182,8 @@ def weight_bytes(params: Params, *, linear_only: bool = False) -> int:
         if linear_only and "norm" in jax.tree_util.keystr(path):
             continue
         if linear_only and "bias" in jax.tree_util.keystr(path):
+            continue
+        if ".prefetch" in jax.tree_util.keystr(path):  # another linear's arrays, counted there
             continue
         total += leaf.size * _bits(leaf.dtype) // 8
     return int(total)

@@ -34,6 +34,7 @@ def linear(x: jax.Array, w, *, partial_sums: bool = False) -> jax.Array:
             implementation=w.implementation,
             epilogue=w.epilogue,
             partial_sums=partial_sums,
+            prefetch=w.prefetch,
         )
     if isinstance(w, QuantizedTensor):
         w = w.dequantize(x.dtype)

@@ -10,7 +10,8 @@ with CUPTI (rotating weights past the L2, as `pallas_kernels.bench`):
 - ``sum``: ``int4_matmul(x, w)`` (the kernel, then XLA's sum of its partials), against
   ``partials``: the kernel alone writing ``[S, M, N]`` f32 (``partial_sums=True``), at
   dispatch's split and others: what a consumer that adds the partials saves, and
-  which S it can afford;
+  which S it can afford; and ``cluster``: S CTAs of a thread-block cluster adding their
+  partials in the kernel (``cluster_reduce``), the product out in x.dtype;
 - the consumers: ``add_rms_norm`` with a bf16 delta against a ``[S, B, 4096]`` f32
   stack, and ``decode_attention_update_qkv`` with a bf16 row against ``[S, B, 6144]``
   (its kernel alone: the cache copy of a non-donated call is left out);
@@ -69,6 +70,13 @@ def _matmul_records(device: str, ms: tuple[int, ...]) -> list[dict]:
                 cfg = dataclasses.replace(base, split_k=split)
                 variants[f"partials S={split}"] = lambda x, w, cfg=cfg: (
                     pallas_mosaic_gpu.int4_matmul_mosaic(x, w, config=cfg, partial_sums=True)
+                )
+            for split in (2, 4, 8):  # a cluster along K adds its partials: x.dtype out
+                if k % (split * base.block_k):
+                    continue
+                cfg = dataclasses.replace(base, split_k=split, cluster_reduce=True)
+                variants[f"cluster S={split}"] = lambda x, w, cfg=cfg: (
+                    pallas_mosaic_gpu.int4_matmul_mosaic(x, w, config=cfg)
                 )
         for name, fn in variants.items():
             first = jax.jit(fn)(xs[0], ws[0])

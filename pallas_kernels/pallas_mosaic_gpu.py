@@ -31,6 +31,11 @@ would pad 1 token to 64 rows. Per CTA (one warpgroup):
   kernel finishes the product itself (``cluster_reduce``) it stores ``silu(gate) * up``
   from its f32 accumulators, a thread holding each gate row and its up row.
 
+* ``prefetch=`` the next matmul's weight: once its pipeline is done, each CTA issues its
+  share of TMA prefetches of that weight into the L2 (`prefetch_boxes`), which need no
+  shared memory and no wait; the bytes move while the kernels in between (attention,
+  norms) leave the memory idle (docs/kernels.md, "Cross-kernel L2 prefetch").
+
 ``scale_in_dequant=True`` instead multiplies each dequantized weight by its scale in
 x.dtype (one more packed multiply per two weights, one bf16 rounding of the scale) and
 accumulates the whole K range in one wgmma accumulator, so consecutive groups' wgmma
@@ -366,11 +371,97 @@ def _cluster_sync():
     sync()
 
 
-def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, *scratch, g, bm, m, steps, depth, cfg, swiglu):
+@dataclasses.dataclass(frozen=True)
+class PrefetchBoxes:
+    """One operand of an L2 prefetch cut into TMA boxes of ``[rows, cols]`` elements:
+    ``n_r`` boxes down the rows times the first ``n_c`` of ``c_total`` column chunks, the
+    chunks taken in the order the next kernel reads them: by position within each of its
+    ``c_split`` K splits (chunk 0 of every split first, then chunk 1, ...)."""
+
+    operand: int
+    rows: int
+    cols: int
+    n_r: int
+    n_c: int
+    c_total: int
+    c_split: int = 1
+
+    @property
+    def count(self) -> int:
+        return self.n_r * self.n_c
+
+    def origin(self, b):
+        """Box ``b``'s first row and column (``b`` may be traced)."""
+        p, r = b // self.n_r, b % self.n_r
+        per = self.c_total // self.c_split
+        return r * self.rows, ((p % self.c_split) * per + p // self.c_split) * self.cols
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefetch:
+    """The static side of a cross-kernel L2 prefetch: how many extra operands the kernel
+    takes, their boxes and the grid (row tiles, M tiles) that shares them out.
+    ``Prefetch()`` prefetches nothing."""
+
+    operands: int = 0
+    boxes: tuple[PrefetchBoxes, ...] = ()
+    grid: tuple[int, int] = (1, 1)
+
+
+def _divisor(n: int, options: tuple[int, ...]) -> int | None:
+    return next((o for o in options if n % o == 0), None)
+
+
+def prefetch_boxes(w: Int4Weight, split: int, max_bytes: int) -> tuple[PrefetchBoxes, ...]:
+    """The boxes that prefetch ``w`` (the next matmul's ``u4_wgmma`` weight, operands
+    ``q_packed, scales_gn, zeros_gn``) into the L2, at most ``max_bytes``: its scales and
+    zero points whole, then its codes' K chunks in the order a kernel that splits K
+    ``split`` ways reads them. Empty where the shapes do not cut into TMA boxes."""
+    if w.fmt != "u4_wgmma":
+        return ()
+    n, words = w.q_packed.shape
+    groups = w.scales_gn.shape[0]
+    rows, cols = _divisor(n, (256, 128, 64)), _divisor(words, (64, 32, 16))
+    g_rows = groups if groups <= 256 else _divisor(groups, (256, 128, 64, 32, 16, 8))
+    n_cols = _divisor(n, (256, 128, 64))
+    if None in (rows, cols, g_rows, n_cols):
+        return ()
+    sz_bytes = 2 * groups * n * w.scales_gn.dtype.itemsize
+    if sz_bytes > max_bytes:
+        return ()
+    boxes = [
+        PrefetchBoxes(operand, g_rows, n_cols, groups // g_rows, n // n_cols, n // n_cols)
+        for operand in (1, 2)
+    ]
+    c_total = words // cols
+    take = min(c_total, (max_bytes - sz_bytes) // (n * cols * 4))
+    if take:
+        c_split = split if c_total % split == 0 else 1
+        boxes.insert(0, PrefetchBoxes(0, rows, cols, n // rows, take, c_total, c_split))
+    return tuple(boxes)
+
+
+def _issue_prefetch(refs, boxes: tuple[PrefetchBoxes, ...], cta, num_ctas: int) -> None:
+    """This CTA's share of the prefetch: boxes ``cta``, ``cta + num_ctas``, ... of each
+    operand (its first box at a different CTA per operand), one TMA prefetch each."""
+    for i, bx in enumerate(boxes):
+        mine = lax.rem(cta + i * num_ctas // len(boxes), num_ctas)
+        for j in range(-(-bx.count // num_ctas)):
+            b = mine + j * num_ctas
+            r0, c0 = bx.origin(jnp.minimum(b, bx.count - 1))
+            ref = refs[bx.operand].at[pl.ds(r0, bx.rows), pl.ds(c0, bx.cols)]
+            plgpu.async_prefetch(ref, predicate=b < bx.count)
+
+
+def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, *refs, g, bm, m, steps, depth, cfg, swiglu, prefetch):
+    pf_refs, (o_gmem, *scratch) = refs[: prefetch.operands], refs[prefetch.operands :]
     bn, bk = cfg.block_n, cfg.block_k
     dtype = x_gmem.dtype
     ni, mi = lax.axis_index("n"), lax.axis_index("m")
     ki = lax.axis_index("k") if cfg.split_k > 1 or not cfg.cluster_reduce else 0
+    n_tiles, m_tiles = prefetch.grid
+    cta = ni + n_tiles * (ki + cfg.split_k * mi)
+    num_ctas = n_tiles * cfg.split_k * m_tiles
     if cfg.cluster_reduce:
         red_smem = scratch[0] if cfg.split_k > 1 else None
         a_smem = ()
@@ -470,6 +561,9 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, *scratch, g, bm, m, steps, d
             max_concurrent_steps=depth,
             init_carry=plgpu.layout_cast(jnp.zeros((bn, bm), jnp.float32), plgpu.Layout.WGMMA),
         )(w_gmem, x_gmem, s_gmem, z_gmem)
+    # After its own stream: the bytes move while the CTAs still running finish and
+    # while the small kernels after this one leave the memory idle.
+    _issue_prefetch(pf_refs, prefetch.boxes, cta, num_ctas)
     if not cfg.cluster_reduce and cfg.a_in_smem:
         # The interpreter's variant (it runs no inline stores): [split_k, N, M] tiles by TMA.
         o_smem[...] = acc
@@ -508,7 +602,17 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, *scratch, g, bm, m, steps, d
         finish(total)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "epilogue", "partial_sums", "interpret"))
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "config",
+        "epilogue",
+        "partial_sums",
+        "prefetch_split",
+        "prefetch_bytes",
+        "interpret",
+    ),
+)
 def int4_matmul_mosaic(
     x_mk: jax.Array,
     w: Int4Weight,
@@ -516,6 +620,9 @@ def int4_matmul_mosaic(
     config: Config | None = None,
     epilogue: str | None = None,
     partial_sums: bool = False,
+    prefetch: Int4Weight | None = None,
+    prefetch_split: int = 1,
+    prefetch_bytes: int = 0,
     interpret: bool = False,
 ) -> jax.Array:
     """``x[M, K] @ W`` through the Mosaic GPU kernel; returns ``[M, N]`` in x.dtype.
@@ -526,8 +633,12 @@ def int4_matmul_mosaic(
     ``partial_sums=True`` returns the ``[S, M, N]`` terms whose sum over S is the product
     (S = split_k f32 partials without ``cluster_reduce``, else the product itself with
     S = 1), for a consumer that adds them itself (`pallas_kernels.int4_matmul`).
+    ``prefetch``: the weight the next matmul reads (``u4_wgmma``); the CTAs share out
+    TMA prefetches of up to ``prefetch_bytes`` of it into the L2 (`prefetch_boxes`, in
+    the order a kernel splitting K ``prefetch_split`` ways reads it), each after its
+    own pipeline. A hint: it changes no result.
     ``interpret=True`` runs the Mosaic GPU interpreter on the CPU (needs
-    ``a_in_smem=True``; small shapes only).
+    ``a_in_smem=True``; small shapes only; it prefetches nothing).
     """
     cfg = config or Config()
     m, k = x_mk.shape
@@ -545,8 +656,13 @@ def int4_matmul_mosaic(
     steps = k // (cfg.split_k * cfg.block_k)
     depth = pipeline_depth(bm, g, cfg, steps)
     swiglu = epilogue == "swiglu" and cfg.cluster_reduce
+    boxes = ()
+    if prefetch is not None and prefetch_bytes > 0 and not interpret:
+        boxes = prefetch_boxes(prefetch, prefetch_split, prefetch_bytes)
+    pf_operands = (prefetch.q_packed, prefetch.scales_gn, prefetch.zeros_gn) if boxes else ()
+    pf = Prefetch(len(pf_operands), boxes, (w.n // bn, m_pad // bm))
     body = functools.partial(
-        _kernel, g=g, bm=bm, m=m, steps=steps, depth=depth, cfg=cfg, swiglu=swiglu
+        _kernel, g=g, bm=bm, m=m, steps=steps, depth=depth, cfg=cfg, swiglu=swiglu, prefetch=pf
     )
     interpret_params = plgpu.InterpretGPUParams() if interpret else None
     x = x_mk if m <= 8 or m % 8 == 0 else jnp.pad(x_mk, ((0, -m % 8), (0, 0)))
@@ -564,7 +680,7 @@ def int4_matmul_mosaic(
             scratch_types=scratch,
             interpret=interpret_params,
         )
-        y = kernel(x, w.q_packed, w.scales_gn, w.zeros_gn)
+        y = kernel(x, w.q_packed, w.scales_gn, w.zeros_gn, *pf_operands)
         return y[None] if partial_sums else y
     if cfg.a_in_smem:  # the interpreter's variant writes [split_k, N, m_pad] tiles
         a_tiling = tiled(swizzle_for(min(g, 64) * 2), 16)
@@ -582,7 +698,7 @@ def int4_matmul_mosaic(
         scratch_types=scratch,
         interpret=interpret_params,
     )
-    part = kernel(x, w.q_packed, w.scales_gn, w.zeros_gn)
+    part = kernel(x, w.q_packed, w.scales_gn, w.zeros_gn, *pf_operands)
     part = part.transpose(0, 2, 1)[:, :m] if cfg.a_in_smem else part[:, :m]  # [split_k, M, N]
     if partial_sums:
         return part

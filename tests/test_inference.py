@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +75,26 @@ def test_int4_params_match_fake_quantization(tiny):
     assert generate(TINY, int4, prompts, max_new_tokens=6) == generate(
         TINY, dequantized(q), prompts, max_new_tokens=6
     )
+
+
+def test_each_int4_linear_prefetches_the_next_ones_weight(tiny):
+    """In run order through the layers, each `Int4Linear` carries the next one's weight
+    (the same arrays: nothing copied, nothing counted twice); the last carries none."""
+    _, q = tiny
+    int4 = prepare_for_inference(q)
+    order = [("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj")]
+    order.append(("mlp", "down_proj"))
+    linears = [layer[m][n]["kernel"] for layer in int4["layers"] for m, n in order]
+    for linear, following in itertools.pairwise(linears):
+        assert linear.prefetch is following.weight
+    assert linears[-1].prefetch is None
+    plain = prepare_for_inference(q, prefetch=False)
+    assert all(
+        k.prefetch is None
+        for k in jax.tree.leaves(plain["layers"], is_leaf=lambda x: isinstance(x, Int4Linear))
+        if isinstance(k, Int4Linear)
+    )
+    assert weight_bytes(int4) == weight_bytes(plain)
 
 
 @pytest.mark.parametrize("implementation", ["triton", "mosaic"])  # u4_split / s4 layouts

@@ -261,6 +261,53 @@ class TestMosaicInterpret(_Int4MatmulCases):
             text = fn.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
             assert "mosaic_gpu" in text
 
+    def test_prefetch_lowers_for_the_gpu(self) -> None:
+        """A kernel that prefetches the next weight lowers, split or clustered."""
+        w, _ = random_weight(np.random.default_rng(2), 1024, 512, 128, fmt="u4_wgmma")
+        nxt, _ = random_weight(np.random.default_rng(3), 512, 1024, 128, fmt="u4_wgmma")
+        cfgs = (
+            pallas_mosaic_gpu.Config(block_n=64, split_k=4),
+            pallas_mosaic_gpu.Config(block_n=64, split_k=2, cluster_reduce=True),
+        )
+        for cfg in cfgs:
+            x = jax.ShapeDtypeStruct((1, 1024), jnp.bfloat16)
+            fn = jax.jit(
+                lambda x, w, n, cfg=cfg: pallas_mosaic_gpu.int4_matmul_mosaic(
+                    x, w, config=cfg, prefetch=n, prefetch_split=2, prefetch_bytes=1 << 20
+                )
+            )
+            assert "mosaic_gpu" in fn.trace(x, w, nxt).lower(lowering_platforms=("cuda",)).as_text()
+
+    def test_prefetch_boxes_cover_the_weight_in_read_order(self) -> None:
+        """Uncapped, the boxes tile every operand exactly once; capped, they stay within
+        the bytes, keep the scales and zero points whole and take the codes' K chunks
+        by position within the next kernel's splits."""
+        w, _ = random_weight(np.random.default_rng(4), 4096, 512, 128, fmt="u4_wgmma")
+        operands = (w.q_packed, w.scales_gn, w.zeros_gn)
+
+        def covered(boxes):
+            seen = [np.zeros(a.shape, int) for a in operands]
+            for bx in boxes:
+                for b in range(bx.count):
+                    r0, c0 = bx.origin(b)
+                    seen[bx.operand][r0 : r0 + bx.rows, c0 : c0 + bx.cols] += 1
+            return seen
+
+        full = pallas_mosaic_gpu.prefetch_boxes(w, split=4, max_bytes=1 << 30)
+        assert all((c == 1).all() for c in covered(full))
+        nbytes = lambda a: a.size * a.dtype.itemsize  # noqa: E731
+        sz = nbytes(w.scales_gn) + nbytes(w.zeros_gn)
+        chunk = 512 * 64 * 4  # 512 rows x 64 words: one K chunk of 512 (of 8)
+        capped = pallas_mosaic_gpu.prefetch_boxes(w, split=4, max_bytes=sz + 4 * chunk + 100)
+        q_seen, s_seen, z_seen = covered(capped)
+        assert (s_seen == 1).all() and (z_seen == 1).all()
+        # 4 chunks of 8, split 4 ways (2 chunks each): the first chunk of every split.
+        words = q_seen.sum(axis=0)
+        assert list(words.reshape(8, 64).max(axis=1)) == [512, 0] * 4
+        assert pallas_mosaic_gpu.prefetch_boxes(w, split=4, max_bytes=sz - 1) == ()
+        s4, _ = random_weight(np.random.default_rng(4), 1024, 512, 128, fmt="s4")
+        assert pallas_mosaic_gpu.prefetch_boxes(s4, split=1, max_bytes=1 << 30) == ()
+
     def test_many_token_kernel_lowers_for_the_gpu(self) -> None:
         """The warp-specialized kernel (3 warpgroups, transposed epilogue) lowers too."""
         for fmt, m, cfg in (
@@ -430,6 +477,28 @@ class TestGpuEpilogues:
         out = fn(x, w)
         assert out.shape == (m, 3584) and out.dtype == dtype
         assert rel_err(out, swiglu_truth(x, gate, up)) < TOLERANCE[dtype]
+
+    @pytest.mark.parametrize(
+        "m, cfg",
+        [(1, CFG(block_n=64, split_k=4)), (16, CFG(block_n=64, split_k=2, cluster_reduce=True))],
+    )
+    def test_prefetch_changes_no_result(self, m, cfg) -> None:
+        """Prefetching the next weight (whole, and capped) gives bitwise the same output."""
+        rng = np.random.default_rng(200 + m)
+        w, w_kn = random_weight(rng, 2048, 512, 128, fmt="u4_wgmma")
+        nxt, _ = random_weight(rng, 512, 2048, 128, fmt="u4_wgmma")
+        x = jnp.asarray(rng.standard_normal((m, 2048)), jnp.bfloat16)
+
+        def run(nbytes):
+            kw = dict(prefetch=nxt, prefetch_split=2, prefetch_bytes=nbytes) if nbytes else {}
+            fn = jax.jit(lambda x, w: pallas_mosaic_gpu.int4_matmul_mosaic(x, w, config=cfg, **kw))
+            return np.asarray(fn(x, w).astype(jnp.float32))
+
+        plain = run(0)
+        truth = np.asarray(x, np.float64) @ w_kn
+        assert rel_err(jnp.asarray(plain), truth) < TOLERANCE[jnp.bfloat16]
+        np.testing.assert_array_equal(run(1 << 30), plain)
+        np.testing.assert_array_equal(run(300_000), plain)
 
 
 @pytest.mark.gpu
