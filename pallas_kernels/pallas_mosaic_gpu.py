@@ -397,17 +397,6 @@ class PrefetchBoxes:
         return r * self.rows, ((p % self.c_split) * per + p // self.c_split) * self.cols
 
 
-@dataclasses.dataclass(frozen=True)
-class Prefetch:
-    """The static side of a cross-kernel L2 prefetch: how many extra operands the kernel
-    takes, their boxes and the grid (row tiles, M tiles) that shares them out.
-    ``Prefetch()`` prefetches nothing."""
-
-    operands: int = 0
-    boxes: tuple[PrefetchBoxes, ...] = ()
-    grid: tuple[int, int] = (1, 1)
-
-
 def _divisor(n: int, options: tuple[int, ...]) -> int | None:
     return next((o for o in options if n % o == 0), None)
 
@@ -442,7 +431,7 @@ def prefetch_boxes(w: Int4Weight, split: int, max_bytes: int) -> tuple[PrefetchB
 
 
 def _issue_prefetch(refs, boxes: tuple[PrefetchBoxes, ...], cta, num_ctas: int) -> None:
-    """This CTA's share of the prefetch: boxes ``cta``, ``cta + num_ctas``, ... of each
+    """CTA ``cta``'s share of the prefetch: boxes ``cta``, ``cta + num_ctas``, ... of each
     operand (its first box at a different CTA per operand), one TMA prefetch each."""
     for i, bx in enumerate(boxes):
         mine = lax.rem(cta + i * num_ctas // len(boxes), num_ctas)
@@ -454,14 +443,14 @@ def _issue_prefetch(refs, boxes: tuple[PrefetchBoxes, ...], cta, num_ctas: int) 
 
 
 def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, *refs, g, bm, m, steps, depth, cfg, swiglu, prefetch):
-    pf_refs, (o_gmem, *scratch) = refs[: prefetch.operands], refs[prefetch.operands :]
+    """``refs``: the prefetched weight's three operands when ``prefetch`` (its boxes) is
+    not empty, then the output, then the scratch buffers."""
+    n_pf = 3 if prefetch else 0
+    pf_refs, (o_gmem, *scratch) = refs[:n_pf], refs[n_pf:]
     bn, bk = cfg.block_n, cfg.block_k
     dtype = x_gmem.dtype
     ni, mi = lax.axis_index("n"), lax.axis_index("m")
     ki = lax.axis_index("k") if cfg.split_k > 1 or not cfg.cluster_reduce else 0
-    n_tiles, m_tiles = prefetch.grid
-    cta = ni + n_tiles * (ki + cfg.split_k * mi)
-    num_ctas = n_tiles * cfg.split_k * m_tiles
     if cfg.cluster_reduce:
         red_smem = scratch[0] if cfg.split_k > 1 else None
         a_smem = ()
@@ -561,9 +550,11 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, *refs, g, bm, m, steps, depth, cfg, 
             max_concurrent_steps=depth,
             init_carry=plgpu.layout_cast(jnp.zeros((bn, bm), jnp.float32), plgpu.Layout.WGMMA),
         )(w_gmem, x_gmem, s_gmem, z_gmem)
-    # After its own stream: the bytes move while the CTAs still running finish and
-    # while the small kernels after this one leave the memory idle.
-    _issue_prefetch(pf_refs, prefetch.boxes, cta, num_ctas)
+    if prefetch:  # after its own stream: the bytes move while the CTAs still running
+        # finish and while the small kernels after this one leave the memory idle
+        n_tiles, m_tiles = w_gmem.shape[0] // bn, -(-m // bm)
+        cta = ni + n_tiles * (ki + cfg.split_k * mi)
+        _issue_prefetch(pf_refs, prefetch, cta, n_tiles * cfg.split_k * m_tiles)
     if not cfg.cluster_reduce and cfg.a_in_smem:
         # The interpreter's variant (it runs no inline stores): [split_k, N, M] tiles by TMA.
         o_smem[...] = acc
@@ -660,9 +651,8 @@ def int4_matmul_mosaic(
     if prefetch is not None and prefetch_bytes > 0 and not interpret:
         boxes = prefetch_boxes(prefetch, prefetch_split, prefetch_bytes)
     pf_operands = (prefetch.q_packed, prefetch.scales_gn, prefetch.zeros_gn) if boxes else ()
-    pf = Prefetch(len(pf_operands), boxes, (w.n // bn, m_pad // bm))
     body = functools.partial(
-        _kernel, g=g, bm=bm, m=m, steps=steps, depth=depth, cfg=cfg, swiglu=swiglu, prefetch=pf
+        _kernel, g=g, bm=bm, m=m, steps=steps, depth=depth, cfg=cfg, swiglu=swiglu, prefetch=boxes
     )
     interpret_params = plgpu.InterpretGPUParams() if interpret else None
     x = x_mk if m <= 8 or m % 8 == 0 else jnp.pad(x_mk, ((0, -m % 8), (0, 0)))
