@@ -262,21 +262,24 @@ class TestMosaicInterpret(_Int4MatmulCases):
             assert "mosaic_gpu" in text
 
     def test_prefetch_lowers_for_the_gpu(self) -> None:
-        """A kernel that prefetches the next weight lowers, split or clustered."""
+        """A kernel that prefetches the next weight lowers, split or clustered, with the
+        L2 prefetch instruction in it (and none without a prefetch)."""
         w, _ = random_weight(np.random.default_rng(2), 1024, 512, 128, fmt="u4_wgmma")
         nxt, _ = random_weight(np.random.default_rng(3), 512, 1024, 128, fmt="u4_wgmma")
         cfgs = (
             pallas_mosaic_gpu.Config(block_n=64, split_k=4),
             pallas_mosaic_gpu.Config(block_n=64, split_k=2, cluster_reduce=True),
         )
-        for cfg in cfgs:
-            x = jax.ShapeDtypeStruct((1, 1024), jnp.bfloat16)
+        x = jax.ShapeDtypeStruct((1, 1024), jnp.bfloat16)
+        for cfg, nbytes in [(c, b) for c in cfgs for b in (0, 1 << 20)]:
             fn = jax.jit(
-                lambda x, w, n, cfg=cfg: pallas_mosaic_gpu.int4_matmul_mosaic(
-                    x, w, config=cfg, prefetch=n, prefetch_split=2, prefetch_bytes=1 << 20
+                lambda x, w, n, cfg=cfg, b=nbytes: pallas_mosaic_gpu.int4_matmul_mosaic(
+                    x, w, config=cfg, prefetch=n, prefetch_split=2, prefetch_bytes=b
                 )
             )
-            assert "mosaic_gpu" in fn.trace(x, w, nxt).lower(lowering_platforms=("cuda",)).as_text()
+            text = fn.trace(x, w, nxt).lower(lowering_platforms=("cuda",)).as_text()
+            assert "mosaic_gpu" in text
+            assert ("cp.async.bulk.prefetch.tensor" in text) == (nbytes > 0)
 
     def test_prefetch_boxes_cover_the_weight_in_read_order(self) -> None:
         """Uncapped, the boxes tile every operand exactly once; capped, they stay within
