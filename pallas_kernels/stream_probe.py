@@ -7,9 +7,10 @@ matrices. This times, on each layer shape, with the bench's method (CUPTI, rotat
 weight sets past the L2) and the grid, K split, step size and pipeline depth dispatch
 uses for M = 1:
 
-* ``bf16`` and ``auto`` (dispatch), and dispatch's config with ``scale_in_dequant``
-  (one accumulator over K, chains overlapped), checked against the f32 reference, at
-  M = 1 and 16;
+* ``bf16`` and ``auto`` (dispatch), and dispatch's config with the changes
+  ``--variants`` names (default ``scale_in_dequant``: one accumulator over K, chains
+  overlapped) and the warp-specialized kernel with those ``--ws-variants`` names, all
+  checked against the f32 reference, at ``--ms`` (1 and 16);
 * ``load``: the same ``emit_pipeline`` of TMA copies with an empty body, i.e. the
   memory ceiling of the kernel's access pattern: ``rows`` (today's ``[N, K/8]`` words:
   each step reads 64 rows of ``block_k / 2`` bytes at a ``K / 2`` stride) against
@@ -42,7 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import bench, pallas_mosaic_gpu, tuning
+from pallas_kernels import bench, pallas_mosaic_gpu, pallas_mosaic_gpu_ws, tuning
 from pallas_kernels.layout import WGMMA_CHUNK
 from pallas_kernels.pallas_mosaic_gpu import _dequant_wgmma, dequant_group, swizzle_for, tiled
 
@@ -212,6 +213,18 @@ def ncu_target(k: int, n: int, g: int) -> None:
             jax.block_until_ready(f(*a))
 
 
+def parse_changes(text: str, config_type=pallas_mosaic_gpu.Config) -> dict:
+    """``"acc_chains=2,step_wait=True"`` -> the field changes of a ``config_type``."""
+    fields = {f.name: f.type for f in dataclasses.fields(config_type)}
+    changes = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name not in fields:
+            raise ValueError(f"unknown Config field {name!r} in {text!r}")
+        changes[name] = value == "True" if fields[name] == "bool" else int(value)
+    return changes
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="/tmp/stream_probe")
@@ -222,7 +235,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--no-probes", dest="probes", action="store_false", help="time the real kernels only"
     )
+    ap.add_argument("--ms", default="1,16", help="token counts of the real kernels")
+    ap.add_argument(
+        "--variants",
+        default="scale_in_dequant=True",
+        help="dispatch's config with these changes, timed too: 'FIELD=VALUE,...;...'",
+    )
+    ap.add_argument(
+        "--ws-variants",
+        default="",
+        help="the warp-specialized kernel (64 rows per consumer, M rounded up to 8 or 16 "
+        "tokens per CTA) with these changes: 'FIELD=VALUE,...;...'",
+    )
     args = ap.parse_args(argv)
+    ms = [int(v) for v in args.ms.split(",")]
+    variants = [(text, parse_changes(text)) for text in args.variants.split(";") if text]
+    ws_variants = [
+        (text, parse_changes(text, pallas_mosaic_gpu_ws.Config))
+        for text in args.ws_variants.split(";")
+        if text
+    ]
     if args.ncu_target:
         k, n = (int(v) for v in args.ncu_target.split("x"))
         ncu_target(k, n, args.group_size)
@@ -248,13 +280,25 @@ def main(argv: list[str] | None = None) -> None:
         nbytes = k * n // 2 + 4 * (k // g) * n
         prob = bench.make_problem(k, n, g, seed=si, fmts=("u4_wgmma",))
         fns = bench.impl_fns(["bf16", "auto"])
-        for m in (1, 16):
+        for m in ms:
             cfg = tuning.mosaic_config("NVIDIA H100", m, k, n, g)
-            variant = dataclasses.replace(cfg, scale_in_dequant=True)
-            fns["auto+scale_in_dequant"] = (
-                functools.partial(pallas_mosaic_gpu.int4_matmul_mosaic, config=variant),
-                "u4_wgmma",
-            )
+            for text, changes in variants:
+                fns[f"auto+{text}"] = (
+                    functools.partial(
+                        pallas_mosaic_gpu.int4_matmul_mosaic,
+                        config=dataclasses.replace(cfg, **changes),
+                    ),
+                    "u4_wgmma",
+                )
+            base_ws = pallas_mosaic_gpu_ws.Config(block_n=64, block_m=8 if m <= 8 else 16)
+            for text, changes in ws_variants:
+                fns[f"ws:{text}"] = (
+                    functools.partial(
+                        pallas_mosaic_gpu_ws.int4_matmul_mosaic_ws,
+                        config=dataclasses.replace(base_ws, **changes),
+                    ),
+                    "u4_wgmma",
+                )
             for name, (fn, weights) in fns.items():
                 rec = bench.measure_one(prob, m, name, fn, weights, seed=si)
                 rec["tbps"] = rec["us"] and nbytes / rec["us"] / 1e6

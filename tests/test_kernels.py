@@ -345,6 +345,20 @@ class TestMosaicInterpret(_Int4MatmulCases):
                 "mosaic_gpu" in fn.trace(x, w, sz, sz).lower(lowering_platforms=("cuda",)).as_text()
             )
 
+    def test_stream_probe_variants_parse(self) -> None:
+        """``--variants`` / ``--ws-variants`` text becomes typed Config changes; a field the
+        config does not have is an error, not a silently timed default."""
+        from pallas_kernels import stream_probe
+
+        assert stream_probe.parse_changes("scale_in_dequant=True,block_k=512") == {
+            "scale_in_dequant": True,
+            "block_k": 512,
+        }
+        ws = stream_probe.parse_changes("persistent=False", pallas_mosaic_gpu_ws.Config)
+        assert ws == {"persistent": False}
+        with pytest.raises(ValueError, match="unknown Config field 'persistent'"):
+            stream_probe.parse_changes("persistent=True")
+
     def test_unsupported_raises(self) -> None:
         rng = np.random.default_rng(0)
         u4, _ = random_weight(rng, 256, 64, 64, fmt="u4_split")
