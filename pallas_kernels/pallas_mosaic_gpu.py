@@ -95,13 +95,6 @@ class Config:
       row tile form a thread-block cluster, the others store their f32 accumulators
       into the leader's shared memory, and the leader adds them and writes its
       ``[M, block_n]`` slice of the output in x.dtype (needs a single M tile).
-    acc_chains: independent wgmma accumulators per group: a group's wgmma calls (one
-      per 64 K rows) alternate over them, so its dependent chain is that many times
-      shorter, and the chains' sum is scaled once (at decode an accumulator is a few
-      registers).
-    step_wait: issue every group's chains of a step before waiting once for them (the
-      next group is dequantized while the previous one's chains run), instead of one
-      wait per group. Register A operands only.
     """
 
     block_n: int = 128
@@ -113,8 +106,6 @@ class Config:
     a_in_smem: bool = False
     x_resident: bool = False
     cluster_reduce: bool = False
-    acc_chains: int = 1
-    step_wait: bool = False
 
 
 # A thread-block cluster holds at most 8 CTAs (portable size).
@@ -183,17 +174,6 @@ def check_supported(m: int, w: Int4Weight, dtype: jnp.dtype, cfg: Config) -> Non
         problems.append(f"block_m={bm} must be a multiple of 8 in [8, {MAX_BLOCK_M}]")
     if w.k % (cfg.split_k * cfg.block_k):
         problems.append(f"K={w.k} must split into {cfg.split_k} x steps of block_k={cfg.block_k}")
-    chained = cfg.acc_chains > 1 or cfg.step_wait
-    calls = g // min(g, 64)  # wgmma calls per group
-    if (
-        cfg.acc_chains < 1
-        or calls % cfg.acc_chains
-        or (chained and (cfg.a_in_smem or cfg.scale_in_dequant))
-    ):
-        problems.append(
-            f"acc_chains={cfg.acc_chains} must divide the group's {calls} wgmma "
-            "calls; acc_chains / step_wait need register operands and no scale_in_dequant"
-        )
     if cfg.cluster_reduce and (m > bm or cfg.split_k > MAX_CLUSTER or cfg.a_in_smem):
         problems.append(
             f"cluster_reduce needs one M tile (M={m} > block_m={bm}?), split_k <= "
@@ -496,35 +476,7 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, *refs, g, bm, m, steps, depth, cfg, 
             return pl.ds(idx[0] * bk + start, size)
         return pl.ds(start, size)
 
-    def body_chains(idx, w_smem, x_smem, s_smem, z_smem, acc):
-        """``acc_chains`` accumulators per group; with ``step_wait`` one wait per step."""
-        w_tile = load_w(w_smem)
-        calls, chains = g // x_elems, cfg.acc_chains
-        groups = [[gi] for gi in range(bk // g)]
-        if cfg.step_wait:
-            groups = [list(range(bk // g))]
-
-        def issue(*acc_refs, gis):
-            for n_g, gi in enumerate(gis):
-                wq = dequant_group(w_tile, z_smem.at[gi], gi, g, dtype)
-                for j in range(calls):
-                    b = x_smem.at[:, x_cols(idx, gi * g + j * x_elems, x_elems)].T
-                    a = wq[:, j * x_elems : (j + 1) * x_elems]
-                    plgpu.wgmma(acc_refs[n_g * chains + j % chains], a, b)
-            return tuple(r[...] for r in acc_refs)  # the first read waits for all
-
-        for gis in groups:
-            types = [plgpu.ACC((bn, bm), jnp.float32)] * (len(gis) * chains)
-            parts = pl.run_scoped(functools.partial(issue, gis=gis), *types)
-            for n_g, gi in enumerate(gis):
-                acc_g = functools.reduce(jnp.add, parts[n_g * chains : (n_g + 1) * chains])
-                s = plgpu.load(s_smem.at[gi], layout=row).astype(jnp.float32)
-                acc = acc + lax.broadcast_in_dim(s, acc.shape, [0]) * acc_g
-        return acc
-
     def body(idx, w_smem, x_smem, s_smem, z_smem, acc):
-        if cfg.acc_chains > 1 or cfg.step_wait:
-            return body_chains(idx, w_smem, x_smem, s_smem, z_smem, acc)
         w_tile = load_w(w_smem)
         for gi in range(bk // g):
             wq = dequant_group(w_tile, z_smem.at[gi], gi, g, dtype)

@@ -214,7 +214,7 @@ def ncu_target(k: int, n: int, g: int) -> None:
 
 
 def parse_changes(text: str, config_type=pallas_mosaic_gpu.Config) -> dict:
-    """``"acc_chains=2,step_wait=True"`` -> the field changes of a ``config_type``."""
+    """``"block_k=512,scale_in_dequant=True"`` -> the field changes of a ``config_type``."""
     fields = {f.name: f.type for f in dataclasses.fields(config_type)}
     changes = {}
     for item in text.split(","):
@@ -281,24 +281,22 @@ def main(argv: list[str] | None = None) -> None:
         prob = bench.make_problem(k, n, g, seed=si, fmts=("u4_wgmma",))
         fns = bench.impl_fns(["bf16", "auto"])
         for m in ms:
-            cfg = tuning.mosaic_config("NVIDIA H100", m, k, n, g)
-            for text, changes in variants:
-                fns[f"auto+{text}"] = (
-                    functools.partial(
-                        pallas_mosaic_gpu.int4_matmul_mosaic,
-                        config=dataclasses.replace(cfg, **changes),
-                    ),
-                    "u4_wgmma",
-                )
-            base_ws = pallas_mosaic_gpu_ws.Config(block_n=64, block_m=8 if m <= 8 else 16)
-            for text, changes in ws_variants:
-                fns[f"ws:{text}"] = (
-                    functools.partial(
-                        pallas_mosaic_gpu_ws.int4_matmul_mosaic_ws,
-                        config=dataclasses.replace(base_ws, **changes),
-                    ),
-                    "u4_wgmma",
-                )
+            kernels = {
+                "auto+": (
+                    pallas_mosaic_gpu.int4_matmul_mosaic,
+                    tuning.mosaic_config("NVIDIA H100", m, k, n, g),
+                    variants,
+                ),
+                "ws:": (
+                    pallas_mosaic_gpu_ws.int4_matmul_mosaic_ws,
+                    pallas_mosaic_gpu_ws.Config(block_n=64, block_m=8 if m <= 8 else 16),
+                    ws_variants,
+                ),
+            }
+            for prefix, (kernel, base, changes_list) in kernels.items():
+                for text, changes in changes_list:
+                    config = dataclasses.replace(base, **changes)
+                    fns[prefix + text] = (functools.partial(kernel, config=config), "u4_wgmma")
             for name, (fn, weights) in fns.items():
                 rec = bench.measure_one(prob, m, name, fn, weights, seed=si)
                 rec["tbps"] = rec["us"] and nbytes / rec["us"] / 1e6
