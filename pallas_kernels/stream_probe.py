@@ -16,10 +16,12 @@ uses for M = 1:
   each step reads 64 rows of ``block_k / 2`` bytes at a ``K / 2`` stride) against
   ``tiles`` (``[N/64, K/block_k, 64, block_k/8]``: each step one contiguous run), the
   weight alone (``w``) or with the x, scale and zero-point copies of every step
-  (``wxsz``), at dispatch's depth and deeper;
+  (``wxsz``) or some of them (``p``: scales and zero points packed in one ``uint32``
+  array, one copy), at dispatch's depth and deeper;
 * ``dequant``: the pipeline plus the dequantization of every weight into registers
   (summed in bf16 so it is not dead code), no wgmma: the kernel without its
-  tensor-core chain;
+  tensor-core chain; ``ld`` the same with the raw words instead of the dequantized
+  weights (the shared-memory reads and the sums without the dequantization's ALU work);
 * ``mma``: the pipeline plus the kernel's wgmma chains, per-group waits and scales on
   the raw words (no dequantization): the kernel without its ALU work; ``mma1`` the
   same with one chain and one wait per step instead of per group.
@@ -54,8 +56,8 @@ ROWS = 64  # weight rows per CTA (wgmma M), as dispatch uses at decode
 @dataclasses.dataclass(frozen=True)
 class Probe:
     layout: str  # "rows" | "tiles"
-    copies: str  # "w" | "wxsz"
-    body: str  # "none" | "dequant" | "mma" | "mma1"
+    copies: str  # "w" then any of "x", "s", "z" (or "p": s and z packed in one array)
+    body: str  # "none" | "ld" | "dequant" | "mma" | "mma1"
     block_k: int
     depth: int
     split_k: int
@@ -82,12 +84,10 @@ def _probe_kernel(*refs, p: Probe, steps: int, g: int):
     else:
         w_spec = plgpu.BlockSpec((ROWS, bk // 8), lambda i: (ni, k0 + i), transforms=w_tr)
     specs = [w_spec]
-    if p.copies == "wxsz":
-        specs += [
-            plgpu.BlockSpec((8, bk), lambda i: (0, k0 + i), transforms=tiled(128, 16)),
-            plgpu.BlockSpec((bk // g, ROWS), lambda i: (k0 + i, ni)),
-            plgpu.BlockSpec((bk // g, ROWS), lambda i: (k0 + i, ni)),
-        ]
+    if "x" in p.copies:
+        specs.append(plgpu.BlockSpec((8, bk), lambda i: (0, k0 + i), transforms=tiled(128, 16)))
+    for _ in range(sum(c in p.copies for c in "szp")):  # [K / g, N] each
+        specs.append(plgpu.BlockSpec((bk // g, ROWS), lambda i: (k0 + i, ni)))
     wgmma = plgpu.Layout.WGMMA
 
     def body(idx, w_smem, *rest):
@@ -110,8 +110,13 @@ def _probe_kernel(*refs, p: Probe, steps: int, g: int):
 
             return carry + pl.run_scoped(step_chain, plgpu.ACC((ROWS, 8), jnp.float32))
         for gi in range(bk // g):
-            if p.body == "dequant":  # summed in bf16 so that it is not dead code
-                wq = dequant_group(w_tile, z_smem.at[gi], gi, g, jnp.bfloat16)
+            if p.body in ("dequant", "ld"):  # summed in bf16 so that it is not dead code
+                if p.body == "dequant":
+                    wq = dequant_group(w_tile, z_smem.at[gi], gi, g, jnp.bfloat16)
+                else:  # the raw words of the group in the operand registers (g = 128)
+                    zm = plgpu.load(z_smem.at[gi], layout=row).astype(jnp.bfloat16)
+                    words = w_tile[:, gi * g // 8 : (gi * g + WGMMA_CHUNK) // 8]
+                    wq = _dequant_wgmma(words, zm, jnp.bfloat16, raw=True)
                 for j in range(g // 8):
                     carry = carry + wq[:, 8 * j : 8 * j + 8]
                 continue
@@ -132,7 +137,7 @@ def _probe_kernel(*refs, p: Probe, steps: int, g: int):
         return carry
 
     row = plgpu.Layout.WGMMA.reduce(1)
-    acc_dtype = jnp.bfloat16 if p.body == "dequant" else jnp.float32
+    acc_dtype = jnp.bfloat16 if p.body in ("dequant", "ld") else jnp.float32
     init = plgpu.layout_cast(jnp.zeros((ROWS, 8), acc_dtype), wgmma)
     acc = plgpu.emit_pipeline(
         body, grid=(steps,), in_specs=specs, max_concurrent_steps=p.depth, init_carry=init
@@ -153,8 +158,9 @@ def run_probe(x, w, s, z, *, p: Probe, k: int, n: int, g: int):
         grid_names=("n", "k"),
         scratch_types=[plgpu.SMEM((ROWS, 8), jnp.float32)],
     )
-    args = (w, x, s, z) if p.copies == "wxsz" else (w,)
-    return kernel(*args)
+    packed = lax.bitcast_convert_type(jnp.stack([s, z], axis=-1), jnp.uint32)
+    operands = {"x": x, "s": s, "z": z, "p": packed}
+    return kernel(w, *(operands[c] for c in p.copies[1:]))
 
 
 def _call_probe(x, w, *, s, z, p: Probe, k: int, n: int, g: int):
@@ -168,10 +174,11 @@ def probes(k: int, n: int, g: int) -> list[Probe]:
     depth = pallas_mosaic_gpu.pipeline_depth(8, g, cfg, steps)
     out = []
     for layout in ("rows", "tiles"):
-        for copies in ("w", "wxsz"):
+        for copies in ("w", "wx", "wsz", "wp", "wxp", "wxsz"):
             out.append(Probe(layout, copies, "none", bk, depth, split))
         out.append(Probe(layout, "w", "none", bk, min(8, steps), split))
     out.append(Probe("rows", "w", "none", 2 * bk, max(2, depth // 2), split))
+    out.append(Probe("rows", "wxsz", "ld", bk, depth, split))
     out.append(Probe("rows", "wxsz", "dequant", bk, depth, split))
     out.append(Probe("rows", "wxsz", "mma", bk, depth, split))
     out.append(Probe("rows", "wxsz", "mma1", bk, depth, split))

@@ -335,7 +335,7 @@ class TestMosaicInterpret(_Int4MatmulCases):
         x = jax.ShapeDtypeStruct((1, k), jnp.bfloat16)
         sz = jax.ShapeDtypeStruct((k // g, n), jnp.float16)
         probes = stream_probe.probes(k, n, g)
-        assert {p.body for p in probes} == {"none", "dequant", "mma", "mma1"}
+        assert {p.body for p in probes} == {"none", "ld", "dequant", "mma", "mma1"}
         for p in probes:
             w = jax.ShapeDtypeStruct(stream_probe.weight_shape(p, k, n), jnp.uint32)
             fn = jax.jit(
