@@ -95,12 +95,6 @@ class Config:
       row tile form a thread-block cluster, the others store their f32 accumulators
       into the leader's shared memory, and the leader adds them and writes its
       ``[M, block_n]`` slice of the output in x.dtype (needs a single M tile).
-    zero_in_mma: leave the zero point out of the dequantization (one packed SUB per two
-      weights fewer: the wgmma operand is ``q + c``, exact, with ``c`` the format's
-      constant) and take it off each group's product instead: a second wgmma chain of a
-      constant all-ones operand with the same x slices gives ``sum_k x`` per token, and
-      ``sum_k (q + c) x - (z + c) sum_k x = sum_k (q - z) x``: the tensor cores, idle at
-      decode, do the subtraction's work.
     """
 
     block_n: int = 128
@@ -112,7 +106,6 @@ class Config:
     a_in_smem: bool = False
     x_resident: bool = False
     cluster_reduce: bool = False
-    zero_in_mma: bool = False
 
 
 # A thread-block cluster holds at most 8 CTAs (portable size).
@@ -196,9 +189,7 @@ def _dequant_wgmma(words, zm, dtype, raw: bool = False):
     ``zm`` is ``magic + z`` per row (row layout). Per 32-bit word: for each of its 4
     element pairs one SHR, one LOP3 (``& 0x000F000F | magic``: two floats ``magic + q``)
     and one packed SUB of ``magic + z``, written straight into the wgmma A-operand
-    registers (see layout.py for the order that makes this possible). ``zm=None``
-    leaves out the SUB: the result is ``magic + q``, exact, and the zero point is the
-    caller's (``Config.zero_in_mma``).
+    registers (see layout.py for the order that makes this possible).
 
     ``raw=True`` (a probe of the kernel's cost, stream_probe.py) moves each word into
     the operand registers as it is: the same registers and wgmma, no dequantization.
@@ -213,77 +204,59 @@ def _dequant_wgmma(words, zm, dtype, raw: bool = False):
     ty = "bf16" if jnp.dtype(dtype) == jnp.bfloat16 else "f16"
     bn = words.shape[0]
 
-    magic = hex(bits << 16 | bits)
-    with_zero = zm is not None
-
-    def asm(p: int) -> str:
-        if raw:
-            return "mov.b32 $0, $1;"
-        shift = f"shr.b32 t, $1, {4 * p};\n" if p else "mov.b32 t, $1;\n"
-        sub = f"sub.{ty}x2 $0, t, $2;" if with_zero else "mov.b32 $0, t;"
-        return f"{{ .reg .b32 t;\n{shift}lop3.b32 t, t, 0x000F000F, {magic}, 0xEA;\n{sub} }}"
-
-    arg_types = (plgpu.Layout.WGMMA_8BIT,) + ((plgpu.Layout.WGMMA.reduce(1),) * with_zero)
-
     @plgpu.inline_mgpu(
-        arg_types=arg_types,
+        arg_types=(plgpu.Layout.WGMMA_8BIT, plgpu.Layout.WGMMA.reduce(1)),
         return_type=plgpu.ShapeDtypeStruct((bn, WGMMA_CHUNK), dtype, layout=plgpu.Layout.WGMMA),
     )
-    def convert(_, words, *zm):
+    def convert(_, words, zm):
         i32 = ir.IntegerType.get_signless(32)
         i16 = ir.IntegerType.get_signless(16)
         el = mgpu_utils.dtype_to_ir_type(jnp.dtype(dtype))
         out = np.empty(fa.WGMMA_LAYOUT.registers_shape((bn, WGMMA_CHUNK)), dtype=object)
         for tile in range(bn // 64):
             for h in range(2):
-                operands = []
-                if zm:
-                    zreg = zm[0].registers[tile, 0, h, 0, 0]  # vector<1 x dtype>
-                    z16 = arith.extui(i32, mgpu_utils.bitcast(zreg, i16))
-                    operands = [arith.ori(z16, arith.shli(z16, arith.constant(i32, 16)))]
+                zreg = zm.registers[tile, 0, h, 0, 0]  # vector<1 x dtype>
+                z16 = arith.extui(i32, mgpu_utils.bitcast(zreg, i16))
+                z2 = arith.ori(z16, arith.shli(z16, arith.constant(i32, 16)))
                 wvec = words.registers[tile, 0, 0, 0, h, 0, 0, 0, 0]  # vector<4 x i32>
                 for v in range(4):
                     word = vector.extract(wvec, [], [v])
                     for p in range(4):
                         res = llvm.inline_asm(
-                            i32, [word, *operands], asm(p), "=r,r" + ",r" * len(operands)
+                            i32,
+                            [word, z2],
+                            "mov.b32 $0, $1;"
+                            if raw
+                            else "{ .reg .b32 t;\n"
+                            f"shr.b32 t, $1, {4 * p};\n"
+                            f"lop3.b32 t, t, 0x000F000F, {hex(bits << 16 | bits)}, 0xEA;\n"
+                            f"sub.{ty}x2 $0, t, $2; }}",
+                            "=r,r,r",
                         )
                         reg = mgpu_utils.bitcast(res, ir.VectorType.get((2,), el))
                         out[tile, 4 * v + p, 0, 0, h, 0, 0, 0, 0] = reg
         return mgpu.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
 
-    return convert(words, *((zm,) if with_zero else ()))
+    return convert(words, zm)
 
 
-def code_offset(w_tile, dtype) -> float:
-    """What `dequant_group` with ``zero=False`` adds to every code q: ``u4_wgmma`` gives
-    ``magic + q``, ``s4`` the signed ``q - 8``."""
-    return _MAGIC[jnp.dtype(dtype)][1] if w_tile.dtype == jnp.uint32 else -8.0
-
-
-def dequant_group(w_tile, z_ref, gi: int, g: int, dtype, zero: bool = True):
+def dequant_group(w_tile, z_ref, gi: int, g: int, dtype):
     """Group ``gi`` of a weight tile in registers as the exact ``q - z`` in ``dtype``,
     ``[rows, g]`` in the WGMMA layout. ``w_tile``: ``u4_wgmma`` words (WGMMA_8BIT
     layout) or ``s4`` codes; ``z_ref``: the tile rows' zero points of that group.
-    ``zero=False``: ``q + code_offset`` instead (exact too), one packed SUB per two
-    weights fewer; the caller takes the zero point off after the product.
     """
     row = plgpu.Layout.WGMMA.reduce(1)
     if w_tile.dtype == jnp.uint32:
-        zm = None
-        if zero:
-            zm = plgpu.load(z_ref, layout=row).astype(jnp.float32)
-            zm = (zm + _MAGIC[jnp.dtype(dtype)][1]).astype(dtype)
+        zm = plgpu.load(z_ref, layout=row).astype(jnp.float32)
+        zm = (zm + _MAGIC[jnp.dtype(dtype)][1]).astype(dtype)
         chunks = []
         for ch in range(g // WGMMA_CHUNK):
             c0 = (gi * g + ch * WGMMA_CHUNK) // 8
             words = w_tile[:, c0 : c0 + WGMMA_CHUNK // 8]  # [rows, 16] uint32
             chunks.append(_dequant_wgmma(words, zm, dtype))
         return chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks, axis=1)
-    wq = w_tile[:, gi * g : (gi + 1) * g].astype(dtype)  # the signed q - 8
-    if not zero:
-        return wq
     zc = plgpu.load(z_ref, layout=row).astype(jnp.float32) - 8.0
+    wq = w_tile[:, gi * g : (gi + 1) * g].astype(dtype)
     return wq - lax.broadcast_in_dim(zc.astype(dtype), wq.shape, [0])  # q - z, exact
 
 
@@ -503,39 +476,23 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, *refs, g, bm, m, steps, depth, cfg, 
             return pl.ds(idx[0] * bk + start, size)
         return pl.ds(start, size)
 
-    if cfg.zero_in_mma:  # the all-ones operand of the chain that sums x
-        ones = jnp.ones((bn, x_elems), dtype)
-        if cfg.a_in_smem:
-            a_smem[1][...] = ones
-            plgpu.commit_smem()
-            ones = a_smem[1]
-        else:
-            ones = plgpu.layout_cast(ones, plgpu.Layout.WGMMA)
-    accs = [plgpu.ACC((bn, bm), jnp.float32)] * (2 if cfg.zero_in_mma else 1)
-
     def body(idx, w_smem, x_smem, s_smem, z_smem, acc):
         w_tile = load_w(w_smem)
         for gi in range(bk // g):
-            wq = dequant_group(w_tile, z_smem.at[gi], gi, g, dtype, zero=not cfg.zero_in_mma)
+            wq = dequant_group(w_tile, z_smem.at[gi], gi, g, dtype)
             if cfg.a_in_smem:
                 a_smem[0][...] = wq
                 plgpu.commit_smem()
 
-            def group_dot(acc_ref, *sum_x, gi=gi, wq=wq):
+            def group_dot(acc_ref, gi=gi, wq=wq):
                 for j in range(g // x_elems):
                     cols = slice(j * x_elems, (j + 1) * x_elems)
                     a = a_smem[0].at[:, cols] if cfg.a_in_smem else wq[:, cols]
                     b = x_smem.at[:, x_cols(idx, gi * g + j * x_elems, x_elems)].T
                     plgpu.wgmma(acc_ref, a, b)
-                    for ref in sum_x:
-                        plgpu.wgmma(ref, ones, b)
-                return acc_ref[...], *(ref[...] for ref in sum_x)  # waits for the chains
+                return acc_ref[...]  # waits for the chain
 
-            acc_g, *sum_x = pl.run_scoped(group_dot, *accs)
-            if sum_x:  # sum_k (q + c) x - (z + c) sum_k x
-                zc = plgpu.load(z_smem.at[gi], layout=row).astype(jnp.float32)
-                zc = zc + code_offset(w_tile, dtype)
-                acc_g = acc_g - lax.broadcast_in_dim(zc, acc_g.shape, [0]) * sum_x[0]
+            acc_g = pl.run_scoped(group_dot, plgpu.ACC((bn, bm), jnp.float32))
             s = plgpu.load(s_smem.at[gi], layout=row).astype(jnp.float32)
             acc = acc + lax.broadcast_in_dim(s, acc.shape, [0]) * acc_g
         return acc
@@ -682,8 +639,8 @@ def int4_matmul_mosaic(
     check_epilogue(w.n, epilogue, partial_sums)
     if interpret and not cfg.a_in_smem:
         raise NotImplementedError("the Mosaic GPU interpreter needs a_in_smem=True")
-    if cfg.scale_in_dequant and (cfg.a_in_smem or cfg.zero_in_mma):
-        raise NotImplementedError("scale_in_dequant takes neither a_in_smem nor zero_in_mma")
+    if cfg.a_in_smem and cfg.scale_in_dequant:
+        raise NotImplementedError("a_in_smem and scale_in_dequant do not combine")
     bm = block_m_for(m, cfg)
     m_pad = -(-m // bm) * bm
     g, bn = w.group_size, cfg.block_n
@@ -719,9 +676,6 @@ def int4_matmul_mosaic(
         a_tiling = tiled(swizzle_for(min(g, 64) * 2), 16)
         a_tile = plgpu.SMEM((bn, g), x_mk.dtype, transforms=a_tiling)
         scratch = [plgpu.SMEM((bn, bm), jnp.float32), a_tile]
-        if cfg.zero_in_mma:  # the all-ones operand
-            x_elems = swizzle_for(min(g, 64) * 2) // 2
-            scratch.append(plgpu.SMEM((bn, x_elems), x_mk.dtype, transforms=a_tiling))
         part_shape = (cfg.split_k, w.n, m_pad)
     else:
         scratch = []
