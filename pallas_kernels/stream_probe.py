@@ -158,8 +158,9 @@ def run_probe(x, w, s, z, *, p: Probe, k: int, n: int, g: int):
         grid_names=("n", "k"),
         scratch_types=[plgpu.SMEM((ROWS, 8), jnp.float32)],
     )
-    packed = lax.bitcast_convert_type(jnp.stack([s, z], axis=-1), jnp.uint32)
-    operands = {"x": x, "s": s, "z": z, "p": packed}
+    operands = {"x": x, "s": s, "z": z}
+    if "p" in p.copies:  # one uint32 per (group, row): its scale and zero point
+        operands["p"] = lax.bitcast_convert_type(jnp.stack([s, z], axis=-1), jnp.uint32)
     return kernel(w, *(operands[c] for c in p.copies[1:]))
 
 
