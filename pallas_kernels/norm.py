@@ -46,28 +46,6 @@ __all__ = [
 # A row is one block of registers: 16384 f32 values over 8 warps is 64 per thread.
 MAX_WIDTH = 16384
 
-# Experiment switch (read when a kernel is traced): the Triton kernels of the decode
-# step let the kernel after them launch at once (`launch_dependents`).
-LAUNCH_DEPENDENTS = False
-
-
-def launch_dependents(value: jax.Array) -> jax.Array:
-    """``value`` (an int32 array the kernel goes on to use), after the program has let
-    the grid that depends on this one launch (``griddepcontrol.launch_dependents``): a
-    kernel launched with programmatic dependent launch (the Mosaic matmuls, ``pdl``) may
-    then start its CTAs while this kernel still runs; it waits for this kernel's results
-    itself. A no-op unless :data:`LAUNCH_DEPENDENTS`."""
-    if not LAUNCH_DEPENDENTS:
-        return value
-    [out] = pltriton.elementwise_inline_asm(
-        "griddepcontrol.launch_dependents;\nmov.b32 $0, $1;",
-        args=[value],
-        constraints="=r,r",
-        pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(value.shape, jnp.int32)],
-    )
-    return out
-
 
 def sum_partials(parts: jax.Array | Sequence[jax.Array], dtype) -> jax.Array:
     """``parts[0] + ... + parts[S - 1]`` in float32, in that order, rounded to ``dtype``:
@@ -111,7 +89,7 @@ def _norm_kernel(*refs, width: int, block: int, eps: float, has_delta: bool):
         x_ref, w_ref, y_ref = refs
     row = pl.program_id(0)
     cols = pl.ds(0, block)
-    ok = launch_dependents(jnp.arange(block)) < width
+    ok = jnp.arange(block) < width
     x = pltriton.load(x_ref.at[row, cols], mask=ok, other=0)
     if has_delta:
         rows = x_ref.shape[0]

@@ -74,9 +74,6 @@ MAX_BLOCK_M = 256
 # Default tokens per CTA above 16 tokens: a [64, 128] f32 accumulator (and the group's
 # partial) is 64 registers per thread each; 256 would spill.
 DEFAULT_MAX_BLOCK_M = 128
-# Experiment switches of ``Config.pdl`` (read at trace time).
-PDL_WAIT = True
-PDL_TRIGGER = True
 # Shared memory the pipeline may use per CTA (H100: 227 KB per block; keep headroom).
 SMEM_BUDGET = 200 * 1024
 
@@ -98,12 +95,6 @@ class Config:
       row tile form a thread-block cluster, the others store their f32 accumulators
       into the leader's shared memory, and the leader adds them and writes its
       ``[M, block_n]`` slice of the output in x.dtype (needs a single M tile).
-    pdl: programmatic dependent launch. The kernel lets its dependent kernel launch at
-      once (``griddepcontrol.launch_dependents``) and is itself launched as a dependent:
-      its CTAs may start while the kernel before it still runs, fill the pipeline with
-      their first weight tiles (which no kernel writes), and wait for that kernel
-      (``griddepcontrol.wait``) only before their first x tile, which then moves through
-      a ring of its own instead of the pipeline.
     """
 
     block_n: int = 128
@@ -115,7 +106,6 @@ class Config:
     a_in_smem: bool = False
     x_resident: bool = False
     cluster_reduce: bool = False
-    pdl: bool = False
 
 
 # A thread-block cluster holds at most 8 CTAs (portable size).
@@ -189,8 +179,6 @@ def check_supported(m: int, w: Int4Weight, dtype: jnp.dtype, cfg: Config) -> Non
             f"cluster_reduce needs one M tile (M={m} > block_m={bm}?), split_k <= "
             f"{MAX_CLUSTER} and no a_in_smem"
         )
-    if cfg.pdl and (cfg.x_resident or cfg.a_in_smem or cfg.scale_in_dequant):
-        problems.append("pdl takes neither x_resident, a_in_smem nor scale_in_dequant")
     if problems:
         raise NotImplementedError("; ".join(problems))
 
@@ -554,50 +542,6 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, *refs, g, bm, m, steps, depth, cfg, 
             return acc_ref[...]
 
         acc = pl.run_scoped(run, plgpu.ACC((bn, bm), jnp.float32))
-    elif cfg.pdl:
-        if PDL_TRIGGER:
-            plgpu.griddepcontrol_launch_dependents()
-
-        def run_pdl(x_ring, x_bar):
-            def copy_x(step, slot):
-                cols = pl.ds((k0 + step) * bk, bk)
-                plgpu.copy_gmem_to_smem(
-                    x_gmem.at[pl.ds(mi * bm, bm), cols], x_ring.at[slot], x_bar.at[slot]
-                )
-
-            def body_pdl(idx, w_smem, s_smem, z_smem, acc):
-                i = idx[0]
-
-                @pl.when(i == 0)
-                def _():  # the weights of the first steps are on their way: now wait
-                    if PDL_WAIT:
-                        plgpu.griddepcontrol_wait()
-                    for j in range(depth):
-                        copy_x(j, j)
-
-                slot = lax.rem(i, depth)
-                plgpu.barrier_wait(x_bar.at[slot])
-                acc = body(idx, w_smem, x_ring.at[slot], s_smem, z_smem, acc)
-
-                @pl.when(i + depth < steps)
-                def _():  # the slot's wgmma chains are done (body waited for them)
-                    copy_x(i + depth, slot)
-
-                return acc
-
-            return plgpu.emit_pipeline(
-                body_pdl,
-                grid=(steps,),
-                in_specs=[specs[0], *specs[2:]],
-                max_concurrent_steps=depth,
-                init_carry=plgpu.layout_cast(jnp.zeros((bn, bm), jnp.float32), plgpu.Layout.WGMMA),
-            )(w_gmem, s_gmem, z_gmem)
-
-        acc = pl.run_scoped(
-            run_pdl,
-            plgpu.SMEM((depth, bm, bk), dtype, transforms=tiled(x_swizzle, 16)),
-            plgpu.Barrier(num_barriers=depth),
-        )
     else:
         acc = plgpu.emit_pipeline(
             body,

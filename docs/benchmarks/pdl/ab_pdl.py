@@ -1,6 +1,7 @@
-"""In-model A/B of programmatic dependent launch (runs 66-67): batch-1 decode of the 8B-shaped
-int4 model, greedy tokens checked against the first variant. Needs the code of the commit
-that added it (the experiment was removed in the next one). On the device:
+"""In-model A/B of programmatic dependent launch (runs 66-67; docs/kernels.md): batch-1
+decode of the 8B-shaped int4 model, greedy tokens checked against the first variant.
+Needs the code of commit 765c5e4 (the experiment was removed in the next one). On the
+device:
 
     XLA_FLAGS=--xla_gpu_enable_pdl=true PYTHONPATH=$PWD python3 docs/benchmarks/pdl/ab_pdl.py \\
         dispatch,pdl+trig,pdl,pdl+trig-noprefetch,dispatch,pdl+trig 1     # run 66
