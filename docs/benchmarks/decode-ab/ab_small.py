@@ -1,0 +1,61 @@
+"""In-model A/B of the decode step's small Triton kernels (run 68; docs/kernels.md): warps
+of add + RMSNorm and of decode attention, attention pipeline stages; batch-1 generate of
+the 8B-shaped int4 model, greedy tokens compared with the first variant's. On the device:
+
+    PYTHONPATH=$PWD python3 docs/benchmarks/decode-ab/ab_small.py \\
+        dispatch,norm4,norm16,att8,att2st,norm4+att8,dispatch
+"""
+
+import dataclasses
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from awq_jax import bench_generate as bg
+from awq_jax.generate import generate_tokens
+from awq_jax.inference import prepare_for_inference
+from awq_jax.pipeline import rtn_quantize
+from awq_jax.search import SearchSettings
+from pallas_kernels import attention, norm
+
+config = bg.LLAMA3_8B
+params = bg.random_params(config)
+q = rtn_quantize(config, params, SearchSettings(group_size=128))
+del params
+int4 = prepare_for_inference(q, implementation=None)
+del q
+onw, adc = norm._num_warps, attention.default_config
+
+
+def att(**ch):
+    return lambda *a: dataclasses.replace(adc(*a), **ch)
+
+
+V = {
+    "dispatch": (onw, adc),
+    "norm4": (lambda b: 4, adc),
+    "norm16": (lambda b: 16, adc),
+    "att8": (onw, att(num_warps=8)),
+    "att2st": (onw, att(num_stages=2)),
+    "norm4+att8": (lambda b: 4, att(num_warps=8)),
+}
+tokens = jax.random.randint(jax.random.key(1), (1, 128), 0, config.vocab_size)
+valid = jnp.ones((1, 128), bool)
+ref = None
+recs = []
+for name in sys.argv[1].split(","):
+    norm._num_warps, attention.default_config = V[name]
+    jax.clear_caches()
+    toks = np.asarray(
+        generate_tokens(config, int4, tokens, valid, jax.random.key(2), max_new_tokens=48)
+    )
+    ref = toks if ref is None else ref
+    r = bg.bench_generate_one(config, int4, batch=1, prompt_len=128, new_tokens=256, repeats=5)
+    recs.append({"variant": name, "same": int((toks == ref).sum()), **r})
+    print(f"{name:>12}: {r['decode_tok_s']:.1f} tok/s same {(toks == ref).sum()}/48", flush=True)
+with open(os.path.join(os.environ.get("OUT", "/tmp"), "ab_small.json"), "w") as f:
+    json.dump(recs, f, indent=1)
