@@ -67,6 +67,12 @@ def random_params(config: ModelConfig, dtype=jnp.bfloat16) -> dict[str, Any]:
     return init(jax.random.key(0))
 
 
+def random_int4(config: ModelConfig, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` RTN-quantized (group 128) and prepared for inference (dispatch's kernels)."""
+    q = rtn_quantize(config, params, SearchSettings(group_size=128))
+    return prepare_for_inference(q, implementation=None)
+
+
 _prefill = jax.jit(prefill, static_argnames=("config", "max_len"))
 
 
@@ -137,9 +143,7 @@ def run_generate(
     # One set of weights on the device at a time (an 8B model is 16 GB in bf16): the int4
     # variants share one repacked weight (only the static implementation differs).
     params = random_params(config)
-    q = rtn_quantize(config, params, SearchSettings(group_size=128))
-    int4 = prepare_for_inference(q, implementation=None)
-    del q
+    int4 = random_int4(config, params)
     xla_int4 = _with_xla(int4)
     int4_noprefetch = _replace_int4(int4, prefetch=None)
     records = []

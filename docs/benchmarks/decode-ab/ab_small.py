@@ -17,17 +17,10 @@ import numpy as np
 
 from awq_jax import bench_generate as bg
 from awq_jax.generate import generate_tokens
-from awq_jax.inference import prepare_for_inference
-from awq_jax.pipeline import rtn_quantize
-from awq_jax.search import SearchSettings
 from pallas_kernels import attention, norm
 
 config = bg.LLAMA3_8B
-params = bg.random_params(config)
-q = rtn_quantize(config, params, SearchSettings(group_size=128))
-del params
-int4 = prepare_for_inference(q, implementation=None)
-del q
+int4 = bg.random_int4(config, bg.random_params(config))
 onw, adc = norm._num_warps, attention.default_config
 
 
