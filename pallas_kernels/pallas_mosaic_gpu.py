@@ -95,9 +95,6 @@ class Config:
       row tile form a thread-block cluster, the others store their f32 accumulators
       into the leader's shared memory, and the leader adds them and writes its
       ``[M, block_n]`` slice of the output in x.dtype (needs a single M tile).
-    direct: weights, scales and zero points loaded straight from global memory into
-      registers (``ld.global.nc``), ``direct`` steps ahead of their use (carried through
-      the loop); only x goes through the TMA pipeline. 0: the TMA ring for everything.
     """
 
     block_n: int = 128
@@ -109,7 +106,6 @@ class Config:
     a_in_smem: bool = False
     x_resident: bool = False
     cluster_reduce: bool = False
-    direct: int = 0
 
 
 # A thread-block cluster holds at most 8 CTAs (portable size).
@@ -136,8 +132,8 @@ def block_m_for(m: int, cfg: Config) -> int:
 
 def _smem_per_step_and_fixed(bm: int, g: int, cfg: Config, steps: int) -> tuple[int, int]:
     bn, bk = cfg.block_n, cfg.block_k
-    per_step = 0 if cfg.direct else bn * bk // 2 + 2 * (bk // g) * bn * 2
-    x_bytes = bm * bk * 2 * (steps if cfg.x_resident else max(1, cfg.direct))
+    per_step = bn * bk // 2 + 2 * (bk // g) * bn * 2
+    x_bytes = bm * bk * 2 * (steps if cfg.x_resident else 1)
     per_step += 0 if cfg.x_resident else x_bytes
     # Shared [bn, bm] f32 tiles: the leader's slots of a cluster, the interpreter's output.
     out_tiles = cfg.split_k - 1 if cfg.cluster_reduce else int(cfg.a_in_smem)
@@ -156,8 +152,7 @@ def pipeline_depth(bm: int, g: int, cfg: Config, steps: int) -> int:
     """``max_concurrent_steps`` cut to what fits in :data:`SMEM_BUDGET` (at least 1)."""
     per_step, fixed = _smem_per_step_and_fixed(bm, g, cfg, steps)
     fits = max(1, (SMEM_BUDGET - fixed) // per_step)
-    pipeline_steps = steps // cfg.direct if cfg.direct else steps
-    return max(1, min(cfg.max_concurrent_steps, pipeline_steps, fits))
+    return max(1, min(cfg.max_concurrent_steps, steps, fits))
 
 
 def check_supported(m: int, w: Int4Weight, dtype: jnp.dtype, cfg: Config) -> None:
@@ -184,12 +179,6 @@ def check_supported(m: int, w: Int4Weight, dtype: jnp.dtype, cfg: Config) -> Non
             f"cluster_reduce needs one M tile (M={m} > block_m={bm}?), split_k <= "
             f"{MAX_CLUSTER} and no a_in_smem"
         )
-    if cfg.direct and (
-        w.fmt != "u4_wgmma" or cfg.a_in_smem or cfg.x_resident or cfg.scale_in_dequant
-    ):
-        problems.append("direct needs u4_wgmma, no a_in_smem, x_resident or scale_in_dequant")
-    if cfg.direct and (w.k // (cfg.split_k * cfg.block_k)) % cfg.direct:
-        problems.append(f"direct={cfg.direct} must divide the steps per CTA")
     if problems:
         raise NotImplementedError("; ".join(problems))
 
@@ -251,136 +240,14 @@ def _dequant_wgmma(words, zm, dtype, raw: bool = False):
     return convert(words, zm)
 
 
-def _ptr_i64(ref):
-    from jax.experimental.mosaic.gpu import utils as mgpu_utils
-    from jaxlib.mlir import ir
-    from jaxlib.mlir.dialects import llvm
-
-    return llvm.ptrtoint(ir.IntegerType.get_signless(64), mgpu_utils.memref_ptr(ref))
-
-
-def _byte_offset(idx, strides, itemsize):
-    from jaxlib.mlir import ir
-    from jaxlib.mlir.dialects import arith
-
-    i64 = ir.IntegerType.get_signless(64)
-    off = None
-    for i, st in zip(idx, strides, strict=True):
-        term = arith.muli(arith.index_cast(i64, i), arith.constant(i64, st * itemsize))
-        off = term if off is None else arith.addi(off, term)
-    return off
-
-
-import os  # noqa: E402  (experiment: the cache hint of the direct loads)
-
-_LD_HINT = os.environ.get("AWQ_DIRECT_LD", ".L1::no_allocate")
-
-
-def _pred_reg(pred):
-    """The i32 flag of a row-layout splat (see :func:`_flag`) as one register."""
-    from jaxlib.mlir.dialects import vector
-
-    return vector.extract(pred.registers.flat[0], [], [0])
-
-
-def _flag(pred, rows):
-    """A traced bool as a ``[rows]`` int32 array in the row layout (inline_mgpu's args
-    are arrays with a layout)."""
-    v = lax.broadcast(pred.astype(jnp.int32), (rows,))
-    return plgpu.layout_cast(v, plgpu.Layout.WGMMA.reduce(1))
-
-
-def load_words_direct(w_ref, shape, pred):
-    """``w_ref`` (a ``[rows, words]`` uint32 window of global memory) -> registers in the
-    WGMMA_8BIT layout, one ``ld.global.nc.v4.u32`` per 4 words of a thread, issued only
-    where ``pred`` (else the registers hold garbage)."""
-    import jax.experimental.mosaic.gpu as mgpu
-    from jax.experimental.mosaic.gpu import fragmented_array as fa
-    from jaxlib.mlir import ir
-    from jaxlib.mlir.dialects import arith, llvm, vector
-
-    @plgpu.inline_mgpu(
-        arg_types=(plgpu.RefType(), plgpu.Layout.WGMMA.reduce(1)),
-        return_type=plgpu.ShapeDtypeStruct(shape, jnp.uint32, layout=plgpu.Layout.WGMMA_8BIT),
-    )
-    def load(_, ref, flag):
-        on = _pred_reg(flag)
-        i32 = ir.IntegerType.get_signless(32)
-        layout = fa.WGMMA_LAYOUT_8BIT
-        strides, _ = ir.MemRefType(ref.type).get_strides_and_offset()
-        base = _ptr_i64(ref)
-        struct = llvm.StructType.get_literal([i32] * 4)
-        regs = np.empty(layout.registers_shape(shape), dtype=object)
-        for pos, idx in zip(np.ndindex(regs.shape), layout.thread_idxs(shape), strict=True):
-            addr = arith.addi(base, _byte_offset(idx, strides, 4))
-            res = llvm.inline_asm(
-                struct,
-                [addr, on],
-                "{ .reg .pred p; setp.ne.b32 p, $5, 0;\n"
-                f"@p ld.global.nc{_LD_HINT}.v4.u32 {{$0, $1, $2, $3}}, [$4]; }}",
-                "=r,=r,=r,=r,l,r",
-                has_side_effects=True,
-            )
-            vals = [llvm.extractvalue(i32, res, [j]) for j in range(4)]
-            regs[pos] = vector.from_elements(ir.VectorType.get((4,), i32), vals)
-        return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=False)
-
-    return load(w_ref, pred)
-
-
-def load_rows_direct(ref_gn, shape, dtype, pred):
-    """``ref_gn`` (a ``[groups, rows]`` f16 window of global memory) -> one ``[rows]``
-    array per group in the WGMMA row layout, one ``ld.global.nc.b16`` per value."""
-    import jax.experimental.mosaic.gpu as mgpu
-    from jax.experimental.mosaic.gpu import fragmented_array as fa
-    from jax.experimental.mosaic.gpu import utils as mgpu_utils
-    from jaxlib.mlir import ir
-    from jaxlib.mlir.dialects import arith, llvm
-
-    groups, rows = shape
-    ret = plgpu.ShapeDtypeStruct((rows,), dtype, layout=plgpu.Layout.WGMMA.reduce(1))
-
-    @plgpu.inline_mgpu(
-        arg_types=(plgpu.RefType(), plgpu.Layout.WGMMA.reduce(1)), return_type=(ret,) * groups
-    )
-    def load(_, ref, flag):
-        on = _pred_reg(flag)
-        i16 = ir.IntegerType.get_signless(16)
-        el = mgpu_utils.dtype_to_ir_type(jnp.dtype(dtype))
-        layout = fa.WGMMA_ROW_LAYOUT
-        strides, _ = ir.MemRefType(ref.type).get_strides_and_offset()
-        base = _ptr_i64(ref)
-        index = ir.IndexType.get()
-        out = []
-        for gi in range(groups):
-            regs = np.empty(layout.registers_shape((rows,)), dtype=object)
-            for pos, (r,) in zip(np.ndindex(regs.shape), layout.thread_idxs((rows,)), strict=True):
-                idx = (arith.constant(index, gi), r)
-                addr = arith.addi(base, _byte_offset(idx, strides, 2))
-                v = llvm.inline_asm(
-                    i16,
-                    [addr, on],
-                    "{ .reg .pred p; setp.ne.b32 p, $2, 0;\n"
-                    "@p ld.global.nc.L1::no_allocate.b16 $0, [$1]; }",
-                    "=h,l,r",
-                    has_side_effects=True,
-                )
-                regs[pos] = mgpu_utils.bitcast(v, ir.VectorType.get((1,), el))
-            out.append(mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None))
-        return tuple(out)
-
-    return load(ref_gn, pred)
-
-
-def dequant_group(w_tile, z_ref, gi: int, g: int, dtype, z=None):
+def dequant_group(w_tile, z_ref, gi: int, g: int, dtype):
     """Group ``gi`` of a weight tile in registers as the exact ``q - z`` in ``dtype``,
     ``[rows, g]`` in the WGMMA layout. ``w_tile``: ``u4_wgmma`` words (WGMMA_8BIT
-    layout) or ``s4`` codes; ``z_ref``: the tile rows' zero points of that group (or
-    ``z``: those values already in registers, row layout).
+    layout) or ``s4`` codes; ``z_ref``: the tile rows' zero points of that group.
     """
     row = plgpu.Layout.WGMMA.reduce(1)
     if w_tile.dtype == jnp.uint32:
-        zm = (plgpu.load(z_ref, layout=row) if z is None else z).astype(jnp.float32)
+        zm = plgpu.load(z_ref, layout=row).astype(jnp.float32)
         zm = (zm + _MAGIC[jnp.dtype(dtype)][1]).astype(dtype)
         chunks = []
         for ch in range(g // WGMMA_CHUNK):
@@ -609,61 +476,26 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, *refs, g, bm, m, steps, depth, cfg, 
             return pl.ds(idx[0] * bk + start, size)
         return pl.ds(start, size)
 
-    def group_product(idx, x_smem, gi, wq, x_off=0):
-        """The group's ``[bn, bm]`` f32 product ``wq @ x_g^T`` (one wgmma chain, waited)."""
-        if cfg.a_in_smem:
-            a_smem[0][...] = wq
-            plgpu.commit_smem()
-
-        def group_dot(acc_ref):
-            for j in range(g // x_elems):
-                cols = slice(j * x_elems, (j + 1) * x_elems)
-                a = a_smem[0].at[:, cols] if cfg.a_in_smem else wq[:, cols]
-                b = x_smem.at[:, x_cols(idx, x_off + gi * g + j * x_elems, x_elems)].T
-                plgpu.wgmma(acc_ref, a, b)
-            return acc_ref[...]  # waits for the chain
-
-        return pl.run_scoped(group_dot, plgpu.ACC((bn, bm), jnp.float32))
-
     def body(idx, w_smem, x_smem, s_smem, z_smem, acc):
         w_tile = load_w(w_smem)
         for gi in range(bk // g):
             wq = dequant_group(w_tile, z_smem.at[gi], gi, g, dtype)
-            acc_g = group_product(idx, x_smem, gi, wq)
+            if cfg.a_in_smem:
+                a_smem[0][...] = wq
+                plgpu.commit_smem()
+
+            def group_dot(acc_ref, gi=gi, wq=wq):
+                for j in range(g // x_elems):
+                    cols = slice(j * x_elems, (j + 1) * x_elems)
+                    a = a_smem[0].at[:, cols] if cfg.a_in_smem else wq[:, cols]
+                    b = x_smem.at[:, x_cols(idx, gi * g + j * x_elems, x_elems)].T
+                    plgpu.wgmma(acc_ref, a, b)
+                return acc_ref[...]  # waits for the chain
+
+            acc_g = pl.run_scoped(group_dot, plgpu.ACC((bn, bm), jnp.float32))
             s = plgpu.load(s_smem.at[gi], layout=row).astype(jnp.float32)
             acc = acc + lax.broadcast_in_dim(s, acc.shape, [0]) * acc_g
         return acc
-
-    gpb = bk // g  # groups per step
-
-    def fetch(step):
-        """Step ``step``'s weight words, scales and zero points, straight into registers
-        (nothing is loaded past the last step)."""
-        on = _flag(step < steps, bn)
-        step = jnp.minimum(step, steps - 1)
-        col, grow = (k0 + step) * (bk // 8), (k0 + step) * gpb
-        rows = pl.ds(ni * bn, bn)
-        words = load_words_direct(w_gmem.at[rows, pl.ds(col, bk // 8)], (bn, bk // 8), on)
-        sz = [
-            load_rows_direct(r.at[pl.ds(grow, gpb), rows], (gpb, bn), r.dtype, on)
-            for r in (s_gmem, z_gmem)
-        ]
-        return words, *sz
-
-    def body_direct(idx, x_smem, carry):
-        """``cfg.direct`` steps, one per slot of the register ring: each slot is used and
-        then refilled with the step ``cfg.direct`` ahead (static slots: no copies)."""
-        acc, ring = carry
-        ring = list(ring)
-        for j in range(cfg.direct):
-            w_tile, ss, zz = ring[j]
-            for gi in range(gpb):
-                wq = dequant_group(w_tile, None, gi, g, dtype, z=zz[gi])
-                acc_g = group_product(idx, x_smem, gi, wq, x_off=j * bk)
-                s = ss[gi].astype(jnp.float32)
-                acc = acc + lax.broadcast_in_dim(s, acc.shape, [0]) * acc_g
-            ring[j] = fetch((idx[0] + 1) * cfg.direct + j)
-        return acc, tuple(ring)
 
     def body_scaled(acc_ref, idx, w_smem, x_smem, s_smem, z_smem):
         w_tile = load_w(w_smem)
@@ -698,22 +530,7 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, *refs, g, bm, m, steps, depth, cfg, 
         plgpu.BlockSpec((bk // g, bn), lambda i: (k0 + i, ni), delay_release=release),
         plgpu.BlockSpec((bk // g, bn), lambda i: (k0 + i, ni), delay_release=release),
     ]
-    acc0 = plgpu.layout_cast(jnp.zeros((bn, bm), jnp.float32), plgpu.Layout.WGMMA)
-    if cfg.direct:
-        ring = tuple(fetch(jnp.int32(i)) for i in range(cfg.direct))
-        x_spec = plgpu.BlockSpec(
-            (bm, bk * cfg.direct),
-            lambda i: (mi, k0 // cfg.direct + i),
-            transforms=tiled(x_swizzle, 16),
-        )
-        acc, _ = plgpu.emit_pipeline(
-            body_direct,
-            grid=(steps // cfg.direct,),
-            in_specs=[x_spec],
-            max_concurrent_steps=depth,
-            init_carry=(acc0, ring),
-        )(x_gmem)
-    elif cfg.scale_in_dequant:
+    if cfg.scale_in_dequant:
 
         def run(acc_ref):
             plgpu.emit_pipeline(
@@ -731,7 +548,7 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, *refs, g, bm, m, steps, depth, cfg, 
             grid=(steps,),
             in_specs=specs,
             max_concurrent_steps=depth,
-            init_carry=acc0,
+            init_carry=plgpu.layout_cast(jnp.zeros((bn, bm), jnp.float32), plgpu.Layout.WGMMA),
         )(w_gmem, x_gmem, s_gmem, z_gmem)
     if prefetch:  # after its own stream: the bytes move while the CTAs still running
         # finish and while the small kernels after this one leave the memory idle
