@@ -136,6 +136,12 @@ _SMEM_PER_SM = 228 * 1024
 _MAX_CTAS_PER_SM = 5
 # Barriers and alignment on top of a CTA's buffers (a margin, not measured).
 _SMEM_PER_CTA_EXTRA = 2048
+# At decode (M <= 16), the most weight bytes (codes, scales, zero points) the pipelines
+# of all CTAs together may have in flight: deeper rings past it only queue (runs 72-73,
+# M = 1: 4096x28672, 448 CTAs, 25.3 us at depth 2 against 28.1 at depth 4; 4096x6144,
+# 384 CTAs of 4 K steps, 7.9 against 8.8; 4096x14336, 224 CTAs, 14.6 at depth 4 against
+# 15.2 at 2). None: no cap.
+IN_FLIGHT_BYTES: int | None = 9 * 2**20
 
 
 def _one_wave_depth(
@@ -152,11 +158,25 @@ def _one_wave_depth(
         return cfg.max_concurrent_steps  # several waves whatever the depth
     bm = pallas_mosaic_gpu.block_m_for(m, cfg)
     steps = k // (cfg.split_k * cfg.block_k)
-    for depth in range(cfg.max_concurrent_steps, 2, -1):  # depth 2 was never faster
+    for depth in range(cfg.max_concurrent_steps, 2, -1):  # 2: only by _in_flight_depth
         smem = pallas_mosaic_gpu.smem_bytes(bm, group_size, cfg, steps, depth)
         if per_sm * (smem + _SMEM_PER_CTA_EXTRA) <= _SMEM_PER_SM:
             return depth
     return cfg.max_concurrent_steps
+
+
+def _in_flight_depth(ctas: int, m: int, group_size: int, cfg: pallas_mosaic_gpu.Config) -> int:
+    """cfg's pipeline depth, cut (to no less than 2) until the copies in flight of all
+    ``ctas`` CTAs stay within :data:`IN_FLIGHT_BYTES`; at M <= 16 where they are all
+    resident at once, cfg's depth otherwise."""
+    if IN_FLIGHT_BYTES is None or m > 16 or -(-ctas // _SMS) > _MAX_CTAS_PER_SM:
+        return cfg.max_concurrent_steps
+    bn, bk = cfg.block_n, cfg.block_k
+    step = bn * bk // 2 + 2 * 2 * (bk // group_size) * bn  # codes + f16 scales and zeros
+    depth = cfg.max_concurrent_steps
+    while depth > 2 and ctas * depth * step > IN_FLIGHT_BYTES:
+        depth -= 1
+    return depth
 
 
 def mosaic_config(
@@ -181,6 +201,10 @@ def mosaic_config(
       against 14.5 with 14 (~1024 K rows each), 16.2 with 7 and 17.6 with 2; on 4096x4096
       and 4096x6144 4 was within 2-4% of the best (5.9 / 7.8 us); and a consumer pays
       ~0.25 us per partial it adds (`add_rms_norm` at batch 1).
+
+    Up to 16 tokens the depth is then cut, to no less than 2, until all CTAs' copies in
+    flight fit :data:`IN_FLIGHT_BYTES` (``_in_flight_depth``): gate_up (448 CTAs) and
+    qkv (384) run 2 deep, the 256-CTA layers keep 4.
     """
     del device_kind
     block_k = 256 if m <= 16 or m > 64 else 128
@@ -193,11 +217,16 @@ def mosaic_config(
                 block_n=64, block_k=block_k, split_k=split_k, cluster_reduce=True
             )
             depth = _one_wave_depth(tiles * split_k, m, k, group_size, cfg)
+            cfg = dataclasses.replace(cfg, max_concurrent_steps=depth)
+            depth = _in_flight_depth(tiles * split_k, m, group_size, cfg)
             return dataclasses.replace(cfg, max_concurrent_steps=depth)
     split_k = 4 if m <= 16 else max(1, k // 2048) if m <= 64 else 1
     while split_k > 1 and k % (split_k * block_k):
         split_k -= 1
-    return pallas_mosaic_gpu.Config(block_n=64, block_k=block_k, split_k=split_k)
+    cfg = pallas_mosaic_gpu.Config(block_n=64, block_k=block_k, split_k=split_k)
+    m_tiles = -(-m // pallas_mosaic_gpu.block_m_for(m, cfg))
+    depth = _in_flight_depth(tiles * split_k * m_tiles, m, group_size, cfg)
+    return dataclasses.replace(cfg, max_concurrent_steps=depth)
 
 
 def mosaic_ws_config(

@@ -686,6 +686,30 @@ class TestLayoutAndApi:
             pallas_mosaic_gpu.check_supported(m, w, jnp.bfloat16, cfg)
             assert cfg.cluster_reduce == (n >= 6400)  # >= 100 row tiles of 64
 
+    @pytest.mark.parametrize("m", [1, 8, 16])
+    def test_decode_depth_caps_the_bytes_in_flight(self, m: int) -> None:
+        """At decode, dispatch's pipeline depth keeps the weight copies in flight of all
+        CTAs within `tuning.IN_FLIGHT_BYTES` (down to depth 2) wherever they are all
+        resident at once: gate_up's 448 CTAs and qkv's 384 run 2 deep, o_proj's and
+        down_proj's 256 keep 4 (runs 72-73 measured each of those choices)."""
+        from pallas_kernels import bench, tuning
+
+        h100 = "NVIDIA H100 80GB HBM3"
+        for k, n in bench.SHAPES["8b"] + bench.SHAPES["70b"]:
+            cfg = tuning.mosaic_config(h100, m, k, n, 128)
+            ctas = n // cfg.block_n * cfg.split_k
+            if ctas > 5 * 132:  # several waves: the in-flight bytes are not all CTAs'
+                continue
+            step = cfg.block_n * cfg.block_k // 2 + 4 * (cfg.block_k // 128) * cfg.block_n
+            depth = cfg.max_concurrent_steps
+            assert depth == 2 or ctas * depth * step <= tuning.IN_FLIGHT_BYTES, (k, n)
+            assert depth == 4 or ctas * (depth + 1) * step > tuning.IN_FLIGHT_BYTES, (k, n)
+        depths = {
+            (k, n): tuning.mosaic_config(h100, m, k, n, 128).max_concurrent_steps
+            for k, n in bench.SHAPES["8b"]
+        }
+        assert depths == {(4096, 6144): 2, (4096, 4096): 4, (4096, 28672): 2, (14336, 4096): 4}
+
     @pytest.mark.parametrize("m", [17, 32, 64, 100, 128, 129, 256, 1000, 2048, 4096, 16384])
     def test_many_token_dispatch(self, m: int) -> None:
         """Above 16 tokens a Hopper GPU runs the warp-specialized kernel, with a config
