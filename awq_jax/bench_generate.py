@@ -109,6 +109,30 @@ def bench_generate_one(
     }
 
 
+def ab_decode(config, params, names: list[str], apply, *, check_tokens: int = 48) -> list:
+    """In-process A/B of decode-step variants (docs/benchmarks/decode-ab/): for each name,
+    ``apply(name)`` (sets the knob read at trace time), the jit caches are cleared, the
+    first ``check_tokens`` greedy tokens are compared with the first variant's, and
+    batch-1 generate (prompt 128, 256 new tokens, median of 5) is timed."""
+    tokens = jax.random.randint(jax.random.key(1), (1, 128), 0, config.vocab_size)
+    valid = jnp.ones((1, 128), bool)
+    ref, recs = None, []
+    for name in names:
+        apply(name)
+        jax.clear_caches()
+        toks = np.asarray(
+            generate_tokens(
+                config, params, tokens, valid, jax.random.key(2), max_new_tokens=check_tokens
+            )
+        )
+        ref = toks if ref is None else ref
+        same = int((toks == ref).sum())
+        r = bench_generate_one(config, params, batch=1, prompt_len=128, new_tokens=256, repeats=5)
+        recs.append({"variant": name, "same": same, **r})
+        print(f"{name:>12}: {r['decode_tok_s']:.1f} tok/s, {same}/{check_tokens} tokens same")
+    return recs
+
+
 DEFAULT_CASES = ((1, 128), (8, 128), (32, 128), (1, 2048), (8, 2048), (32, 2048))
 IMPLS = ("int4", "xla_int4", "bf16", "int4_noprefetch")
 

@@ -11,12 +11,7 @@ import json
 import os
 import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 from awq_jax import bench_generate as bg
-from awq_jax.generate import generate_tokens
 from pallas_kernels import attention, norm
 
 config = bg.LLAMA3_8B
@@ -36,19 +31,12 @@ V = {
     "att2st": (onw, att(num_stages=2)),
     "norm4+att8": (lambda b: 4, att(num_warps=8)),
 }
-tokens = jax.random.randint(jax.random.key(1), (1, 128), 0, config.vocab_size)
-valid = jnp.ones((1, 128), bool)
-ref = None
-recs = []
-for name in sys.argv[1].split(","):
+
+
+def apply(name):
     norm._num_warps, attention.default_config = V[name]
-    jax.clear_caches()
-    toks = np.asarray(
-        generate_tokens(config, int4, tokens, valid, jax.random.key(2), max_new_tokens=48)
-    )
-    ref = toks if ref is None else ref
-    r = bg.bench_generate_one(config, int4, batch=1, prompt_len=128, new_tokens=256, repeats=5)
-    recs.append({"variant": name, "same": int((toks == ref).sum()), **r})
-    print(f"{name:>12}: {r['decode_tok_s']:.1f} tok/s same {(toks == ref).sum()}/48", flush=True)
+
+
+recs = bg.ab_decode(config, int4, sys.argv[1].split(","), apply)
 with open(os.path.join(os.environ.get("OUT", "/tmp"), "ab_small.json"), "w") as f:
     json.dump(recs, f, indent=1)
