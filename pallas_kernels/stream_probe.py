@@ -9,8 +9,9 @@ uses for M = 1:
 
 * ``bf16`` and ``auto`` (dispatch), and dispatch's config with the changes
   ``--variants`` names (default ``scale_in_dequant``: one accumulator over K, chains
-  overlapped) and the warp-specialized kernel with those ``--ws-variants`` names, all
-  checked against the f32 reference, at ``--ms`` (1 and 16);
+  overlapped) and the warp-specialized kernel with those ``--ws-variants`` names (on
+  dispatch's config of that kernel above 16 tokens, else 64 rows per consumer and 8 or
+  16 tokens per CTA), all checked against the f32 reference, at ``--ms`` (1 and 16);
 * ``load``: the same ``emit_pipeline`` of TMA copies with an empty body, i.e. the
   memory ceiling of the kernel's access pattern: ``rows`` (today's ``[N, K/8]`` words:
   each step reads 64 rows of ``block_k / 2`` bytes at a ``K / 2`` stride) against
@@ -252,8 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--ws-variants",
         default="",
-        help="the warp-specialized kernel (64 rows per consumer, M rounded up to 8 or 16 "
-        "tokens per CTA) with these changes: 'FIELD=VALUE,...;...'",
+        help="the warp-specialized kernel (dispatch's config above 16 tokens, else 64 rows "
+        "per consumer and M rounded up to 8 or 16 tokens per CTA) with these changes: "
+        "'FIELD=VALUE,...;...'",
     )
     args = ap.parse_args(argv)
     ms = [int(v) for v in args.ms.split(",")]
@@ -297,7 +299,10 @@ def main(argv: list[str] | None = None) -> None:
                 ),
                 "ws:": (
                     pallas_mosaic_gpu_ws.int4_matmul_mosaic_ws,
-                    pallas_mosaic_gpu_ws.Config(block_n=64, block_m=8 if m <= 8 else 16),
+                    # dispatch's config where dispatch runs this kernel (above 16 tokens)
+                    tuning.mosaic_ws_config("NVIDIA H100", m, k, n, g)
+                    if m > 16
+                    else pallas_mosaic_gpu_ws.Config(block_n=64, block_m=8 if m <= 8 else 16),
                     ws_variants,
                 ),
             }
