@@ -1,9 +1,11 @@
 """In-model A/B of the decode kernel's pipeline depth (runs 72-73; docs/kernels.md):
-dispatch with `tuning.IN_FLIGHT_BYTES` (the in-flight cap) against without it (the
-one-wave depths of before); batch-1 generate of the 8B-shaped int4 model, greedy
-tokens compared with the first variant's. On the device:
+dispatch with `tuning.IN_FLIGHT_BYTES` (the in-flight cap, 9 MiB) against without it
+(the one-wave depths of before) and other caps, and the cap with other sizes of the L2
+prefetch of the next weight (`api.PREFETCH_MAX_BYTES`, 12 MiB); batch-1 generate of the
+8B-shaped int4 model, greedy tokens compared with the first variant's. On the device:
 
     PYTHONPATH=$PWD python3 docs/benchmarks/decode-ab/ab_depth.py nocap,cap,nocap,cap
+    PYTHONPATH=$PWD python3 docs/benchmarks/decode-ab/ab_depth.py cap,cap6,cap12,pf0,pf6,pf24
 """
 
 import json
@@ -11,15 +13,24 @@ import os
 import sys
 
 from awq_jax import bench_generate as bg
-from pallas_kernels import tuning
+from pallas_kernels import api, tuning
 
 config = bg.LLAMA3_8B
 int4 = bg.random_int4(config, bg.random_params(config))
-V = {"cap": tuning.IN_FLIGHT_BYTES, "nocap": None}
+MIB, CAP, PF = 1 << 20, tuning.IN_FLIGHT_BYTES, api.PREFETCH_MAX_BYTES
+V = {  # name: (in-flight cap, prefetch bytes)
+    "cap": (CAP, PF),
+    "nocap": (None, PF),
+    "cap6": (6 * MIB, PF),
+    "cap12": (12 * MIB, PF),
+    "pf0": (CAP, 0),
+    "pf6": (CAP, 6 * MIB),
+    "pf24": (CAP, 24 * MIB),
+}
 
 
 def apply(name):
-    tuning.IN_FLIGHT_BYTES = V[name]
+    tuning.IN_FLIGHT_BYTES, api.PREFETCH_MAX_BYTES = V[name]
 
 
 recs = bg.ab_decode(config, int4, sys.argv[1].split(","), apply)
