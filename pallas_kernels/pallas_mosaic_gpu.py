@@ -130,9 +130,15 @@ def block_m_for(m: int, cfg: Config) -> int:
     return 8 if m <= 8 else min(DEFAULT_MAX_BLOCK_M, -(-m // 16) * 16)
 
 
+def weight_bytes_per_step(g: int, cfg: Config) -> int:
+    """The weight bytes one pipeline step copies: codes, f16 scales and zero points."""
+    bn, bk = cfg.block_n, cfg.block_k
+    return bn * bk // 2 + 2 * (bk // g) * bn * 2
+
+
 def _smem_per_step_and_fixed(bm: int, g: int, cfg: Config, steps: int) -> tuple[int, int]:
     bn, bk = cfg.block_n, cfg.block_k
-    per_step = bn * bk // 2 + 2 * (bk // g) * bn * 2
+    per_step = weight_bytes_per_step(g, cfg)
     x_bytes = bm * bk * 2 * (steps if cfg.x_resident else 1)
     per_step += 0 if cfg.x_resident else x_bytes
     # Shared [bn, bm] f32 tiles: the leader's slots of a cluster, the interpreter's output.

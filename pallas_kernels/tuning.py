@@ -171,8 +171,7 @@ def _in_flight_depth(ctas: int, m: int, group_size: int, cfg: pallas_mosaic_gpu.
     resident at once, cfg's depth otherwise."""
     if IN_FLIGHT_BYTES is None or m > 16 or -(-ctas // _SMS) > _MAX_CTAS_PER_SM:
         return cfg.max_concurrent_steps
-    bn, bk = cfg.block_n, cfg.block_k
-    step = bn * bk // 2 + 2 * 2 * (bk // group_size) * bn  # codes + f16 scales and zeros
+    step = pallas_mosaic_gpu.weight_bytes_per_step(group_size, cfg)
     depth = cfg.max_concurrent_steps
     while depth > 2 and ctas * depth * step > IN_FLIGHT_BYTES:
         depth -= 1

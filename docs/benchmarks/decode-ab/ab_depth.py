@@ -1,4 +1,4 @@
-"""In-model A/B of the decode kernel's pipeline depth (runs 72-73; docs/kernels.md):
+"""In-model A/B of the decode kernel's pipeline depth (after runs 72-73; docs/kernels.md):
 dispatch with `tuning.IN_FLIGHT_BYTES` (the in-flight cap, 9 MiB) against without it
 (the one-wave depths of before) and other caps, and the cap with other sizes of the L2
 prefetch of the next weight (`api.PREFETCH_MAX_BYTES`, 12 MiB); batch-1 generate of the
