@@ -53,12 +53,6 @@ def dispatch[T](implementation: str | None, backends: dict[str, Callable[[], T]]
     return backends[implementation]()
 
 
-# At most this many bytes of the next weight are prefetched into the L2 (H100: 50 MB).
-# 8B decode at batch 1 (docs/kernels.md, "Cross-kernel L2 prefetch"): 12 MB +1.3-1.7%
-# tokens/s, 24 MB +0-1.0%, 48 MB -2.3%.
-PREFETCH_MAX_BYTES = 12 << 20
-
-
 def _run(
     impl: str,
     x_mk: jax.Array,
@@ -74,11 +68,12 @@ def _run(
         device = _device_kind()
         cfg = tuning.mosaic_config(device, m, w.k, w.n, w.group_size)
         pf = {}
-        if prefetch is not None:
+        # How much of the next weight to prefetch into the L2 is the part's choice (the
+        # H100 12 MB, the H200 none: `tuning.DECODE`).
+        pf_bytes = tuning.decode_choices(device).prefetch_bytes
+        if prefetch is not None and pf_bytes > 0:
             nxt = tuning.mosaic_config(device, m, prefetch.k, prefetch.n, prefetch.group_size)
-            pf = dict(
-                prefetch=prefetch, prefetch_split=nxt.split_k, prefetch_bytes=PREFETCH_MAX_BYTES
-            )
+            pf = dict(prefetch=prefetch, prefetch_split=nxt.split_k, prefetch_bytes=pf_bytes)
         return pallas_mosaic_gpu.int4_matmul_mosaic(
             x_mk, w, config=cfg, epilogue=epilogue, partial_sums=partial_sums, **pf
         )
@@ -132,10 +127,11 @@ def int4_matmul(
         `decode_attention_update_qkv`'s stacked operands) instead of an XLA pass per
         matmul; S = 1 (the product itself) for every other backend and config.
       prefetch: the weight the next matmul will read. The Mosaic decode kernel's CTAs
-        prefetch up to :data:`PREFETCH_MAX_BYTES` of it into the L2 as they finish
-        (TMA prefetches: no result changes), so its bytes move while the small kernels
-        between the two matmuls (attention, norms) leave the memory idle. Other
-        backends ignore it.
+        prefetch up to the part's ``tuning.decode_choices(...).prefetch_bytes`` of it
+        into the L2 as they finish (TMA prefetches: no result changes), so its bytes
+        move while the small kernels between the two matmuls (attention, norms) leave
+        the memory idle (the H200 prefetches nothing: its small kernels lose more than
+        its matmuls gain). Other backends ignore it.
     """
     if x.shape[-1] != w.k:
         raise ValueError(f"x has K={x.shape[-1]}, weight has K={w.k}")

@@ -144,6 +144,40 @@ _SMEM_PER_CTA_EXTRA = 2048
 IN_FLIGHT_BYTES: int | None = 9 * 2**20
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeChoices:
+    """The decode-step choices (M <= 16) that differ between Hopper parts, whose memory
+    differs (H100: 3.35 TB/s and a 50 MB L2; H200: 4.8 TB/s and 60 MB).
+
+    prefetch_bytes: the most bytes of the next matmul's weight each decode kernel's
+      CTAs prefetch into the L2 once their pipeline is done (`api.int4_matmul`'s
+      ``prefetch``); 0: none.
+    large_block_k: K rows per pipeline step up to 8 tokens (one 8-token tile) for
+      weights of ``K * N >= 32 Mi`` (gate_up and down_proj on 8B layers), where the split
+      of K leaves whole steps of it. (At 16 tokens the x tile doubles; 512-row steps were
+      25% slower there on the H100, run 73, and no run has timed them on the H200.)
+    """
+
+    prefetch_bytes: int = 12 << 20
+    large_block_k: int = 256
+
+
+# H100: runs 53-58 (12 MB prefetch +1.3-1.7% tokens/s at batch 1) and 8-16 (steps of 256).
+# H200, run 76 (batch-1 generate of the 8B-shaped model, in-model A/B, 440.3 tok/s as the
+# H100 chose): no prefetch 450.2 (12 MB costs the small kernels between the matmuls more
+# than it saves), steps of 512 rows for gate_up / down_proj 454.9 (kernel alone at M = 1,
+# run 75: 21.7 against 22.4 us and 13.2 against 13.7, 2 deep; qkv and o_proj slower).
+DECODE: dict[str, DecodeChoices] = {
+    "H100": DecodeChoices(),
+    "H200": DecodeChoices(prefetch_bytes=0, large_block_k=512),
+}
+
+
+def decode_choices(device_kind: str) -> DecodeChoices:
+    """The :data:`DECODE` entry whose name the device kind holds (the H100's otherwise)."""
+    return next((c for name, c in DECODE.items() if name in device_kind), DECODE["H100"])
+
+
 def _one_wave_depth(
     ctas: int, m: int, k: int, group_size: int, cfg: pallas_mosaic_gpu.Config
 ) -> int:
@@ -203,17 +237,24 @@ def mosaic_config(
 
     Up to 16 tokens the depth is then cut, to no less than 2, until all CTAs' copies in
     flight fit :data:`IN_FLIGHT_BYTES` (``_in_flight_depth``): gate_up (448 CTAs) and
-    qkv (384) run 2 deep, the 256-CTA layers keep 4.
+    qkv (384) run 2 deep, the 256-CTA layers keep 4. Where the part's
+    :class:`DecodeChoices` ask for longer steps on the large weights up to 8 tokens (the
+    H200: 512 K rows), gate_up and down_proj take them, and the cap makes both 2 deep.
     """
-    del device_kind
     block_k = 256 if m <= 16 or m > 64 else 128
     block_k = max(block_k, group_size)
     tiles = n // 64
+    large_k = decode_choices(device_kind).large_block_k if m <= 8 and k * n >= _ASM_MIN_KN else 0
+
+    def steps_of(split_k: int) -> int:  # K rows per step: the part's choice where it divides
+        whole = large_k and k % (split_k * large_k) == 0 and large_k % group_size == 0
+        return large_k if whole else block_k
+
     if tiles >= 100 and m <= pallas_mosaic_gpu.DEFAULT_MAX_BLOCK_M:  # one M tile
         split_k = 2 if k >= 8192 and (tiles < 200 or m <= 16) else 1
         if k % (split_k * block_k) == 0:
             cfg = pallas_mosaic_gpu.Config(
-                block_n=64, block_k=block_k, split_k=split_k, cluster_reduce=True
+                block_n=64, block_k=steps_of(split_k), split_k=split_k, cluster_reduce=True
             )
             depth = _one_wave_depth(tiles * split_k, m, k, group_size, cfg)
             cfg = dataclasses.replace(cfg, max_concurrent_steps=depth)
@@ -222,7 +263,7 @@ def mosaic_config(
     split_k = 4 if m <= 16 else max(1, k // 2048) if m <= 64 else 1
     while split_k > 1 and k % (split_k * block_k):
         split_k -= 1
-    cfg = pallas_mosaic_gpu.Config(block_n=64, block_k=block_k, split_k=split_k)
+    cfg = pallas_mosaic_gpu.Config(block_n=64, block_k=steps_of(split_k), split_k=split_k)
     m_tiles = -(-m // pallas_mosaic_gpu.block_m_for(m, cfg))
     depth = _in_flight_depth(tiles * split_k * m_tiles, m, group_size, cfg)
     return dataclasses.replace(cfg, max_concurrent_steps=depth)

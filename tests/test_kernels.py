@@ -146,8 +146,11 @@ class TestDispatch(_Int4MatmulCases):
 
 
 class TestTritonInterpret(_Int4MatmulCases):
-    """The Pallas-Triton kernel through the Pallas interpreter (CPU), several configs."""
+    """The Pallas-Triton kernel through the Pallas interpreter (CPU), several configs.
+    Its weights are in the Triton kernel's format whatever the device (on a Hopper GPU
+    `prepare_weight`'s default is the Mosaic kernels' format)."""
 
+    FMT = "u4_split"
     CONFIGS: ClassVar = [
         pallas_triton.Config(block_n=32, split_k=2),
         pallas_triton.Config(block_n=64, swap=True),
@@ -170,7 +173,7 @@ class TestTritonInterpret(_Int4MatmulCases):
     @pytest.mark.parametrize("cfg_idx", range(6))
     def test_each_config(self, cfg_idx: int, tile_n: int) -> None:
         rng = np.random.default_rng(7 + cfg_idx)
-        w, w_kn = random_weight(rng, 512, 64, 64, tile_n=tile_n)
+        w, w_kn = random_weight(rng, 512, 64, 64, tile_n=tile_n, fmt=self.FMT)
         x = jnp.asarray(rng.standard_normal((5, 512)), jnp.bfloat16)
         cfg = self.CONFIGS[cfg_idx]
         if tile_n:
@@ -180,12 +183,12 @@ class TestTritonInterpret(_Int4MatmulCases):
 
     def test_unsupported_shape_raises(self) -> None:
         rng = np.random.default_rng(0)
-        w, _ = random_weight(rng, 192, 96, 64)  # N=96: untiled, 64 does not divide it
+        w, _ = random_weight(rng, 192, 96, 64, fmt=self.FMT)  # N=96: untiled, 64 does not divide it
         assert w.tile_n == 0
         x = jnp.ones((2, 192), jnp.bfloat16)
         with pytest.raises(NotImplementedError):
             pallas_triton.int4_matmul_triton(x, w, config=pallas_triton.Config(block_n=64))
-        tiled, _ = random_weight(rng, 256, 128, 64, tile_n=64)
+        tiled, _ = random_weight(rng, 256, 128, 64, tile_n=64, fmt=self.FMT)
         with pytest.raises(NotImplementedError, match="tile_n"):
             pallas_triton.int4_matmul_triton(
                 jnp.ones((2, 256), jnp.bfloat16), tiled, config=pallas_triton.Config(block_n=128)
@@ -565,10 +568,13 @@ class TestLayoutAndApi:
             np.testing.assert_array_equal(layout.unpack_codes(packed, gs), q.T)
 
     def test_weight_bytes(self) -> None:
-        w, _ = random_weight(np.random.default_rng(0), 512, 64, 128, tile_n=64)
+        """The Triton kernel's tiled ``u4_split`` layout (named: a Hopper GPU's default
+        format is another) holds the plain layout's bytes, re-tiled."""
+        rng = np.random.default_rng
+        w, _ = random_weight(rng(0), 512, 64, 128, tile_n=64, fmt="u4_split")
         assert w.q_packed.nbytes == 512 * 64 // 2
         assert w.tile_n == 64 and w.q_packed.shape == (1, 4, 64, 64)
-        plain, _ = random_weight(np.random.default_rng(0), 512, 64, 128, tile_n=0)
+        plain, _ = random_weight(rng(0), 512, 64, 128, tile_n=0, fmt="u4_split")
         assert plain.tile_n == 0 and plain.q_packed.shape == (64, 256)
         np.testing.assert_array_equal(w.q_nk2, plain.q_packed)
 
@@ -709,6 +715,31 @@ class TestLayoutAndApi:
             for k, n in bench.SHAPES["8b"]
         }
         assert depths == {(4096, 6144): 2, (4096, 4096): 4, (4096, 28672): 2, (14336, 4096): 4}
+
+    @pytest.mark.parametrize("m", [1, 8, 16, 17])
+    def test_decode_choices_per_part(self, m: int) -> None:
+        """The H200's decode choices (run 76): K steps of 512 rows, 2 deep, for gate_up
+        and down_proj up to 8 tokens, nothing else changed; no L2 prefetch. The H100 and
+        parts without an entry keep steps of 256 and the 12 MB prefetch."""
+        from pallas_kernels import bench, tuning
+
+        h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+        assert tuning.decode_choices(h200) == tuning.DecodeChoices(0, 512)
+        assert tuning.decode_choices(h100) == tuning.decode_choices("NVIDIA H800")
+        assert tuning.decode_choices(h100).prefetch_bytes == 12 << 20
+        for k, n in bench.SHAPES["8b"] + bench.SHAPES["70b"]:
+            old, new = (tuning.mosaic_config(d, m, k, n, 128) for d in (h100, h200))
+            w = tuning.WeightShape(k, n, 128, fmt="u4_wgmma")
+            pallas_mosaic_gpu.check_supported(m, w, jnp.bfloat16, new)
+            assert old.block_k == (256 if m <= 16 else 128), (k, n)
+            large = m <= 8 and k * n >= 32 * 2**20
+            assert new.block_k == (512 if large else old.block_k), (k, n)
+            if not large:
+                assert new == old, (k, n)
+            assert new.split_k == old.split_k and new.cluster_reduce == old.cluster_reduce
+        if m <= 8:
+            for k, n in ((4096, 28672), (14336, 4096)):  # gate_up, down_proj
+                assert tuning.mosaic_config(h200, m, k, n, 128).max_concurrent_steps == 2
 
     @pytest.mark.parametrize("m", [17, 32, 64, 100, 128, 129, 256, 1000, 2048, 4096, 16384])
     def test_many_token_dispatch(self, m: int) -> None:

@@ -1,0 +1,40 @@
+"""In-model A/B of the H200's decode choices (`tuning.DECODE["H200"]`; docs/kernels.md,
+"The H200 (runs 74-77)"): batch-1 generate of the 8B-shaped int4 model, greedy tokens
+compared with the first variant's. Each variant is a `tuning.DecodeChoices` put in place
+of the H200's entry (and, for `nocap`, no in-flight cap). On the device:
+
+    PYTHONPATH=$PWD python3 docs/benchmarks/decode-ab/ab_h200.py h100,dispatch,pf12,bk256
+
+Run 76 was this script's first form, at the H100's choices ("dispatch" there = `h100`
+here): dispatch 440.3 tok/s, no prefetch (`bk256`) 450.2, 24 MB prefetch 429.5, steps
+of 512 (`pf12`) 454.9, both 512 and 24 MB 440.1, no in-flight cap 445.5.
+"""
+
+import json
+import os
+import sys
+
+from awq_jax import bench_generate as bg
+from pallas_kernels import tuning
+
+config = bg.LLAMA3_8B
+int4 = bg.random_int4(config, bg.random_params(config))
+MIB, CAP, H200 = 1 << 20, tuning.IN_FLIGHT_BYTES, tuning.DECODE["H200"]
+D = tuning.DecodeChoices
+V = {  # name: (the H200's decode choices, in-flight cap)
+    "dispatch": (H200, CAP),
+    "h100": (D(), CAP),
+    "pf12": (D(prefetch_bytes=12 * MIB, large_block_k=512), CAP),
+    "pf24": (D(prefetch_bytes=24 * MIB, large_block_k=512), CAP),
+    "bk256": (D(prefetch_bytes=0, large_block_k=256), CAP),
+    "nocap": (H200, None),
+}
+
+
+def apply(name):
+    tuning.DECODE["H200"], tuning.IN_FLIGHT_BYTES = V[name]
+
+
+recs = bg.ab_decode(config, int4, sys.argv[1].split(","), apply)
+with open(os.path.join(os.environ.get("OUT", "/tmp"), "ab_h200.json"), "w") as f:
+    json.dump(recs, f, indent=1)
