@@ -37,6 +37,7 @@ from awq_jax.inference import Int4Linear, prepare_for_inference, weight_bytes
 from awq_jax.model import init_params
 from awq_jax.pipeline import awq_quantize, rtn_quantize
 from awq_jax.search import SearchSettings
+from pallas_kernels.api import device_tag
 
 LLAMA3_8B = ModelConfig(
     model_type="llama",
@@ -51,14 +52,6 @@ LLAMA3_8B = ModelConfig(
     max_position_embeddings=8192,
     rms_norm_eps=1e-5,
 )
-
-
-def _device_tag() -> str:
-    kind = jax.devices()[0].device_kind.lower()
-    for tag in ("h100", "h200", "a100"):
-        if tag in kind:
-            return tag
-    return jax.devices()[0].platform
 
 
 def random_params(config: ModelConfig, dtype=jnp.bfloat16) -> dict[str, Any]:
@@ -207,7 +200,7 @@ def run_generate(
         del params
         measure("bf16", bf16)
     records.sort(key=lambda r: (r["prompt_len"], r["batch"], r["impl"] != "bf16"))
-    _write(out, f"generate-{_device_tag()}", records, _generate_table(records))
+    _write(out, f"generate-{device_tag()}", records, _generate_table(records))
     return records
 
 
@@ -308,7 +301,7 @@ def run_profile(out: Path, *, impls: tuple[str, ...] = ("int4", "bf16")) -> list
             f"| {impl} | {rec['wall_us_per_token']:.0f} | {rec['kernel_us_per_token']:.0f} | "
             f"{rec['kernels_per_token']:.0f} | {top} |"
         )
-    _write(out, f"decode-profile-{_device_tag()}", records, "\n".join(lines))
+    _write(out, f"decode-profile-{device_tag()}", records, "\n".join(lines))
     return records
 
 
@@ -363,7 +356,7 @@ def run_search(out: Path, *, quick: bool = False, config: ModelConfig = LLAMA3_8
         f"{result['seconds_per_layer']:.1f} s | "
         f"{(result['peak_device_bytes'] or 0) / 2**30:.1f} GiB |"
     )
-    _write(out, f"search-{_device_tag()}", [result], table)
+    _write(out, f"search-{device_tag()}", [result], table)
     return result
 
 

@@ -27,6 +27,16 @@ def _device_kind() -> str:
     return "cpu" if dev.platform == "cpu" else dev.device_kind
 
 
+def device_tag() -> str:
+    """A short name of the default device for benchmark file names: "h100", "h200",
+    "a100", else "gpu" or the platform ("cpu")."""
+    dev = jax.devices()[0]
+    if dev.platform != "gpu":
+        return dev.platform
+    kind = dev.device_kind.lower()
+    return next((t for t in ("h100", "h200", "a100") if t in kind), "gpu")
+
+
 def on_nvidia_gpu() -> bool:
     """Whether the default device is an NVIDIA GPU (where the Triton kernels run)."""
     return _device_kind().startswith("NVIDIA")

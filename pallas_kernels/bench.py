@@ -10,8 +10,9 @@ matmul once per weight set, over >= 4 distinct weight sets totalling > 200 MB (s
 call reads HBM, not the 50 MB L2), median of >= 20 iterations after a warm-up,
 divided by the number of sets. Every implementation is checked against an f32
 reference on random data (fresh per shape) before it is timed; records carry the
-relative error. Writes ``kernels-h100.json`` (records ``{k, n, m, impl, us,
-rel_err}``), ``kernels-h100.md`` and ``kernels-h100.png``.
+relative error. Writes ``kernels-<device>.json`` (records ``{k, n, m, impl, us,
+rel_err}``), ``kernels-<device>.md`` and ``kernels-<device>.png``, <device> being
+`api.device_tag()` ("h100", "h200", ...).
 """
 
 from __future__ import annotations
@@ -383,7 +384,8 @@ def write_tuned_table(records: list[dict], group_size: int, path: pathlib.Path) 
 
 def write_outputs(records: list[dict], out_dir: pathlib.Path, command: str) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "kernels-h100.json").write_text(json.dumps(records, indent=1))
+    name = f"kernels-{api.device_tag()}"
+    (out_dir / f"{name}.json").write_text(json.dumps(records, indent=1))
     table = markdown_table(records)
     dev = jax.devices()[0].device_kind
     md = (
@@ -392,9 +394,9 @@ def write_outputs(records: list[dict], out_dir: pathlib.Path, command: str) -> s
         "sets > 200 MB, group size 128, random data; see KERNELS.md).\n\n"
         "Times in microseconds; `x` = bf16 time / int4 time (higher is better).\n\n" + table
     )
-    (out_dir / "kernels-h100.md").write_text(md)
+    (out_dir / f"{name}.md").write_text(md)
     try:
-        plot(records, out_dir / "kernels-h100.png")
+        plot(records, out_dir / f"{name}.png")
     except Exception as e:  # matplotlib missing on the device image
         print(f"plot skipped: {e}", file=sys.stderr)
     return table

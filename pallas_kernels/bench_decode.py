@@ -41,7 +41,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import attention, norm
+from pallas_kernels import api, attention, norm
 from pallas_kernels.attention import Config
 
 MAX_REL_ERR = 1e-2
@@ -78,14 +78,6 @@ SMOKE = Setup(
     num_warps=(4,),
     smoke=True,
 )
-
-
-def _device_tag() -> str:
-    dev = jax.devices()[0]
-    if dev.platform != "gpu":
-        return dev.platform
-    kind = dev.device_kind.lower()
-    return next((t for t in ("h100", "h200", "a100") if t in kind), "gpu")
 
 
 def _rel_err(out: jax.Array, ref: jax.Array) -> float:
@@ -351,7 +343,7 @@ def run(setup: Setup, out: pathlib.Path, budget_s: float, command: str) -> list[
             setup, b, s, sets, None if best is None else Config(**best["config"])
         )
         del sets
-    tag = _device_tag()
+    tag = api.device_tag()
     out.mkdir(parents=True, exist_ok=True)
     (out / f"decode-kernels-{tag}.json").write_text(json.dumps(records, indent=1))
     table = markdown_table(records)
