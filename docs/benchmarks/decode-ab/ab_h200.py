@@ -5,9 +5,11 @@ of the H200's entry (and, for `nocap`, no in-flight cap). On the device:
 
     PYTHONPATH=$PWD python3 docs/benchmarks/decode-ab/ab_h200.py h100,dispatch,pf12,bk256
 
-Run 76 was this script's first form, at the H100's choices ("dispatch" there = `h100`
-here): dispatch 440.3 tok/s, no prefetch (`bk256`) 450.2, 24 MB prefetch 429.5, steps
-of 512 (`pf12`) 454.9, both 512 and 24 MB 440.1, no in-flight cap 445.5.
+Run 76 was this script's first form (commit cbb675d, whose dispatch had the H100's
+choices on every part), with its own variant names; here `h100,bk256,pf12,pf24` are its
+`dispatch` (440.3 tok/s), `pf0` (no prefetch, 450.2), `bk512` (512-row steps, 454.9) and
+`bk512+pf24` (440.1). Its `pf24` (256-row steps and a 24 MB prefetch, 429.5) and `nocap`
+(the H100's choices without the in-flight cap, 445.5) have no name here.
 """
 
 import json
