@@ -41,9 +41,9 @@ def barrier(x, w):
 
 
 def int8(x, w):
-    q = w.q_packed.astype(jnp.int8).astype(jnp.float32) + 8.0  # s4 stores q - 8
-    if w.fmt != "s4":
+    if w.fmt != "s4":  # no sub-byte type to widen
         return int4_matmul_reference(x, w)
+    q = w.q_packed.astype(jnp.int8).astype(jnp.float32) + 8.0  # s4 stores q - 8
     q = q.reshape(w.n, w.num_groups, w.group_size)
     z = w.zeros_gn.T.astype(jnp.float32)[:, :, None]
     s = w.scales_gn.T.astype(jnp.float32)[:, :, None]
