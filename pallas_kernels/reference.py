@@ -63,13 +63,30 @@ def _dequantize_stored_wgmma(w: Int4Weight, dtype: jnp.dtype) -> jax.Array:
     return ((q - z) * s).astype(dtype).reshape(w.n, w.k)
 
 
+def _unfused[T](w: T) -> T:
+    """The dequantized weight (an array or a tuple of them) as arrays of its own on GPUs.
+
+    XLA:GPU (jax 0.11.2) may fuse the integer -> float converts of the dequantization
+    into its Triton GEMM fusion, and that fusion computed wrong products on the H200:
+    rel_err 0.50 for ``s4`` codes with x of shape ``[2, 3, K]``, and for codes widened to
+    int8 at 3 tokens or more (docs/benchmarks/gpu-checks/xla_s4_probe.py, run 82). An
+    optimization barrier keeps the dequantization one elementwise fusion that writes the
+    weight in x.dtype, which is what XLA already did for the cases it got right; CPUs and
+    TPUs keep the fusion.
+    """
+    if jax.default_backend() == "gpu":
+        return jax.lax.optimization_barrier(w)
+    return w
+
+
 def _dot_nk(x: jax.Array, w_nk: jax.Array, spec: str = "...k,nk->...n") -> jax.Array:
-    """``x . w_nk^T`` in x.dtype with f32 accumulation.
+    """``x . w_nk^T`` in x.dtype with f32 accumulation (``w_nk`` through `_unfused`).
 
     On GPUs the dot writes x.dtype directly (cuBLAS accumulates bf16/f16 GEMMs in f32),
     so no f32 ``[M, N]`` intermediate and convert pass; XLA:CPU has no bf16 x bf16 -> f32
     dot for every operand layout, so there the operands are upcast (exactly) to f32.
     """
+    w_nk = _unfused(w_nk)
     if jax.default_backend() == "cpu" or x.dtype == jnp.float32:
         xf, wf = x.astype(jnp.float32), w_nk.astype(jnp.float32)
         y = jnp.einsum(
@@ -109,7 +126,7 @@ def int4_matmul_reference(x: jax.Array, w: Int4Weight) -> jax.Array:
         return _dot_nk(_to_stored_order(x), _dequantize_stored_wgmma(w, x.dtype))
     if w.fmt == "s4":
         return _dot_nk(x, _dequantize_s4(w, x.dtype))
-    lo, hi = _dequantize_planes(w, x.dtype)
+    lo, hi = _unfused(_dequantize_planes(w, x.dtype))
     x_g2h = x.reshape(*x.shape[:-1], w.num_groups, 2, w.group_size // 2)
     dot = functools.partial(
         jnp.einsum, preferred_element_type=jnp.float32, precision=_precision(x.dtype)

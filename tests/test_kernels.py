@@ -588,9 +588,12 @@ class TestLayoutAndApi:
                 group_size=gs,
             )
 
-    def test_leading_dims_jit_and_pytree(self) -> None:
+    @pytest.mark.parametrize("fmt", layout.FORMATS)
+    def test_leading_dims_jit_and_pytree(self, fmt: str) -> None:
+        # On the H200 the XLA path once gave rel_err 0.50 here for s4 (XLA fused the
+        # int4 converts into its Triton GEMM; reference._unfused).
         rng = np.random.default_rng(5)
-        w, w_kn = random_weight(rng, 256, 64, 64)
+        w, w_kn = random_weight(rng, 256, 64, 128 if fmt == "u4_wgmma" else 64, fmt=fmt)
         x = jnp.asarray(rng.standard_normal((2, 3, 256)), jnp.bfloat16)
         leaves = jax.tree_util.tree_leaves(w)
         assert len(leaves) == 3
