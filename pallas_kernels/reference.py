@@ -66,10 +66,10 @@ def _dequantize_stored_wgmma(w: Int4Weight, dtype: jnp.dtype) -> jax.Array:
 def _unfused[T](w: T) -> T:
     """The dequantized weight (an array or a tuple of them) as arrays of its own on GPUs.
 
-    XLA:GPU (jax 0.11.2) may fuse the integer -> float converts of the dequantization
-    into its Triton GEMM fusion, and that fusion computed wrong products on the H200:
-    rel_err 0.50 for ``s4`` codes with x of shape ``[2, 3, K]``, and for codes widened to
-    int8 at 3 tokens or more (docs/benchmarks/gpu-checks/xla_s4_probe.py, run 82). An
+    XLA:GPU (jax 0.11.2) computed wrong products on the H200 when the dot consumed the
+    integer -> float converts in the same fusion scope (most likely folded into its
+    Triton GEMM fusion): rel_err 0.50 for ``s4`` codes with x of shape ``[2, 3, K]``, and
+    for codes widened to int8 at 3 tokens or more (docs/benchmarks/gpu-checks/, run 82). An
     optimization barrier keeps the dequantization one elementwise fusion that writes the
     weight in x.dtype, which is what XLA already did for the cases it got right; CPUs and
     TPUs keep the fusion.
