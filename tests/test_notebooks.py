@@ -132,10 +132,15 @@ def test_kernels_with_benchmark_records(kernel_specs, tmp_path, monkeypatch) -> 
         for prompt_len in [128, 1024]
     ]
     (tmp_path / "kernels-h100.json").write_text(json.dumps(kernels))
-    (tmp_path / "generate-h100.json").write_text(json.dumps(generate))
+    (tmp_path / "kernels-h200.json").write_text(json.dumps(kernels[:3] + kernels[6:9]))
+    # Two runs of one configuration: the notebook keeps the later (the earlier would fail
+    # its sanity check).
+    stale = {**generate[0], "decode_tok_s": 0.0}
+    (tmp_path / "generate-h100.json").write_text(json.dumps([stale, *generate]))
     monkeypatch.setenv("AWQ_JAX_BENCH_DIR", str(tmp_path))
     nb = execute(NOTEBOOKS / "03_kernels.ipynb", kernel_specs, timeout=300)
     assert n_images(nb) >= 2
     text = outputs_text(nb)
-    assert "best int4 kernel 3.33x bf16" in text
+    assert "H100 K= 4096 N= 4096 M=   1: best int4 kernel 3.33x bf16" in text
+    assert "H200 K= 4096 N= 4096 M=   1: best int4 kernel 3.33x bf16" in text
     assert "int4/triton': '5.59 GiB'" in text  # the weight sizes printed under the plot
