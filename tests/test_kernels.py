@@ -590,8 +590,8 @@ class TestLayoutAndApi:
 
     @pytest.mark.parametrize("fmt", layout.FORMATS)
     def test_leading_dims_jit_and_pytree(self, fmt: str) -> None:
-        # On the H200 the XLA path once gave rel_err 0.50 here for s4 (XLA fused the
-        # int4 converts into its Triton GEMM; reference._unfused).
+        # On the H200 the XLA path once gave rel_err 0.50 here for s4, most likely XLA
+        # fusing the int4 converts into its Triton GEMM (see reference._unfused).
         rng = np.random.default_rng(5)
         w, w_kn = random_weight(rng, 256, 64, 128 if fmt == "u4_wgmma" else 64, fmt=fmt)
         x = jnp.asarray(rng.standard_normal((2, 3, 256)), jnp.bfloat16)
