@@ -155,7 +155,7 @@ class DecodeChoices:
     large_block_k: K rows per pipeline step up to 8 tokens (one 8-token tile) for
       weights of ``K * N >= 32 Mi`` (gate_up and down_proj on 8B layers), where the split
       of K leaves whole steps of it. (At 16 tokens the x tile doubles; 512-row steps were
-      25% slower there on the H100, run 73, and no run has timed them on the H200.)
+      25% slower there on the H100, run 73, and tie with 256 on the H200, run 86.)
     """
 
     prefetch_bytes: int = 12 << 20

@@ -15,7 +15,10 @@ float64 product of:
 
 and writes the optimized HLO of ``ref`` at the failing token count to
 ``$OUT/xla_s4_hlo.txt``, so the three suspects (the weight as stored, the
-dequantization, XLA's fusion of int4 operands into its GEMM) separate. On the device:
+dequantization, XLA's fusion of int4 operands into its GEMM) separate. Run 82 (commit
+4ca555f; `run82-83-h200.md`) pointed at the last; since then the reference itself puts the
+barrier in on GPUs (`reference._unfused`), so ``api`` and ``ref`` equal ``barrier`` and
+only ``int8`` still shows XLA's wrong product. On the device:
 
     PYTHONPATH=$PWD python3 docs/benchmarks/gpu-checks/xla_s4_probe.py
 """
