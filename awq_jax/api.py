@@ -74,9 +74,10 @@ def load_model(path: str | Path | None = None, *, dtype: Any = "auto") -> Model:
         from awq_jax.checkpoint import load_quantized
 
         return load_quantized(path, dtype=dtype)
-    config = ModelConfig.from_hf(hf_config)
+    config = ModelConfig.from_hf(hf_config, source=str(path / "config.json"))
+    tokenizer = load_tokenizer(path, vocab_size=config.vocab_size)  # before the weights
     params = load_params(path, config, dtype)
-    return Model(config, params, load_tokenizer(path), path, hf_config)
+    return Model(config, params, tokenizer, path, hf_config)
 
 
 def eos_ids(model: Model) -> list[int]:
@@ -88,8 +89,16 @@ def eos_ids(model: Model) -> list[int]:
     if gen.is_file():
         import json
 
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids.update([eos] if isinstance(eos, int) else (eos or []))
+        try:
+            eos = json.loads(gen.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{gen} could not be parsed as JSON: {e}") from e
+        eos = eos.get("eos_token_id") if isinstance(eos, dict) else None
+        if isinstance(eos, int):
+            eos = [eos]
+        if not isinstance(eos, list | type(None)) or not all(isinstance(i, int) for i in eos or []):
+            raise ValueError(f"{gen}: eos_token_id must be an id or a list of ids, got {eos!r}")
+        ids.update(eos or [])
     return sorted(ids)
 
 

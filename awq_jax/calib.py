@@ -29,25 +29,42 @@ _PARAGRAPH = re.compile(r"\n\s*\n")
 
 
 def read_text_files(paths: Sequence[str | Path]) -> list[str]:
-    """Texts from ``.txt`` files (one text each) or ``.jsonl`` files (a ``text`` field a line)."""
+    """Texts from ``.txt`` files (one text each) or ``.jsonl`` files (a ``text`` field a line).
+
+    Raises:
+      FileNotFoundError: a path that does not exist.
+      ValueError: a directory, a file that is not UTF-8 text, an unsupported suffix, or a
+        ``.jsonl`` line that is not an object with a string ``text`` (named ``file:line``).
+    """
     texts: list[str] = []
     for p in map(Path, paths):
+        if p.is_dir():
+            raise ValueError(f"calibration file {p} is a directory: pass the files inside it")
         if not p.is_file():
             raise FileNotFoundError(f"calibration file not found: {p}")
-        if p.suffix == ".jsonl":
-            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    texts.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{p}:{n}: expected a JSON object with a 'text' field") from e
-        elif p.suffix in (".txt", ".md", ""):
-            texts.append(p.read_text(encoding="utf-8"))
-        else:
+        if p.suffix not in (".jsonl", ".txt", ".md", ""):
             raise ValueError(
                 f"unsupported calibration file type {p.suffix!r} ({p}): use .txt/.jsonl"
             )
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"calibration file {p} is not UTF-8 text: {e}") from e
+        if p.suffix != ".jsonl":
+            texts.append(text)
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                sample = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{p}:{n}: expected a JSON object with a 'text' field") from e
+            if not isinstance(sample, str):
+                raise ValueError(
+                    f"{p}:{n}: the 'text' field must be a string, got {type(sample).__name__}"
+                )
+            texts.append(sample)
     return texts
 
 

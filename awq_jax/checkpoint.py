@@ -157,7 +157,7 @@ def _check_fits_float16(name: str, x: np.ndarray) -> None:
     if x.size and float(np.max(np.abs(x.astype(np.float32)))) > _FLOAT16_MAX:
         raise ValueError(
             f"{name}: values up to {float(np.max(np.abs(x.astype(np.float32)))):.4g} overflow "
-            "float16; save with dtype='bfloat16'"
+            "float16; save with dtype='bfloat16' (awq-jax quantize --save-dtype bfloat16)"
         )
 
 
@@ -237,7 +237,8 @@ def load_quantized(path: str | os.PathLike[str], *, dtype: Any = "auto") -> Any:
     root = Path(path)
     dtype = _resolve_dtype(dtype)
     hf_config, tensors = load_checkpoint(root)
-    config = ModelConfig.from_hf(hf_config)
+    config = ModelConfig.from_hf(hf_config, source=str(root / "config.json"))
+    tokenizer = load_tokenizer(root, vocab_size=config.vocab_size)
     qc = hf_config["quantization_config"]
     not_convert = qc.get("modules_to_not_convert") or []
     if isinstance(not_convert, str) or not all(isinstance(m, str) for m in not_convert):
@@ -303,7 +304,7 @@ def load_quantized(path: str | os.PathLike[str], *, dtype: Any = "auto") -> Any:
         quantization = {**rq, **quantization, "method": rq.get("method", "unknown")}
         if recorded["records"]:
             quantization["records_file"] = RECORDS_FILE
-    return Model(config, params, load_tokenizer(root), root, hf_config, quantization)
+    return Model(config, params, tokenizer, root, hf_config, quantization)
 
 
 def load_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from awq_jax.config import ModelConfig
 from awq_jax.model import Block, causal_mask, rope_cos_sin
-from awq_jax.quantizer import QuantizedTensor, quantize
+from awq_jax.quantizer import QuantizedTensor, check_bits, group_size_hint, quantize
 from awq_jax.scale_groups import scale_groups
 from awq_jax.search import (
     SearchSettings,
@@ -37,6 +37,7 @@ from awq_jax.search import (
 
 __all__ = [
     "awq_quantize",
+    "check_quantizable",
     "compare",
     "dequantized",
     "quantize_model",
@@ -160,7 +161,7 @@ def awq_quantize(
     x, rope_mask = calibration_inputs(config, params, calib_tokens)
     ratios, duo = settings.candidates()
     layers, records = [], []
-    bar = tqdm(range(config.num_layers), desc="AWQ", unit="layer", disable=not progress)
+    bar = tqdm(range(config.num_layers), desc="AWQ search", unit="layer", disable=not progress)
     for i in bar:
         qlayer, x, recs = awq_quantize_layer(config, settings, _layer(params, i), x, rope_mask)
         layers.append(qlayer)
@@ -228,6 +229,48 @@ def quant_settings_from_args(args) -> tuple[SearchSettings, dict[str, Any]]:
     ), dict(n_samples=args.n_samples, seqlen=args.seqlen, seed=args.seed, files=args.calib)
 
 
+def _linear_inputs(config: ModelConfig) -> dict[str, int]:
+    """Each quantized linear's input dimension (the one its groups divide)."""
+    attn = config.num_heads * config.head_dim
+    return {
+        "q_proj/k_proj/v_proj": config.hidden_size,
+        "o_proj": attn,
+        "gate_proj/up_proj": config.hidden_size,
+        "down_proj": config.intermediate_size,
+    }
+
+
+def check_quantizable(model, settings: SearchSettings) -> None:
+    """What `quantize_model` would refuse, checked before any work (calibration, search).
+
+    Raises ValueError when the model is already quantized, a group size does not divide a
+    linear's input dimension, the bit width is out of range, or any parameter (not only the
+    linears: a NaN embedding or norm would turn every search loss into NaN) is not finite.
+    """
+    if model.quantization or any(
+        isinstance(leaf, QuantizedTensor)
+        for leaf in jax.tree.leaves(model.params, is_leaf=lambda x: isinstance(x, QuantizedTensor))
+    ):
+        method = (model.quantization or {}).get("method", "unknown")
+        raise ValueError(
+            f"{model.path or 'the model'} is already quantized (method {method}); "
+            "quantize the float model it came from"
+        )
+    check_bits(settings.w_bit)
+    if settings.group_size != -1:
+        dims = _linear_inputs(model.config)
+        for name, k in dims.items():
+            if settings.group_size <= 0 or k % settings.group_size:
+                raise ValueError(
+                    f"group size {settings.group_size} does not divide {name}'s input dimension "
+                    f"{k}; choose {group_size_hint(*dims.values())}"
+                )
+    for path, leaf in jax.tree_util.tree_leaves_with_path(model.params):
+        if jnp.issubdtype(leaf.dtype, jnp.inexact) and not jnp.all(jnp.isfinite(leaf)):
+            name = "/".join(str(getattr(k, "key", k)) for k in path)
+            raise ValueError(f"non-finite values in {name} (NaN or inf): cannot quantize")
+
+
 def quantize_model(
     model,
     settings: SearchSettings,
@@ -245,10 +288,7 @@ def quantize_model(
     """
     from awq_jax.calib import calibration_blocks, read_text_files
 
-    for path in LINEARS:
-        kernel = get_path(model.params["layers"], (*path, "kernel"))
-        if not jnp.all(jnp.isfinite(kernel)):
-            raise ValueError(f"non-finite values in layers/{'/'.join(path)}: cannot quantize")
+    check_quantizable(model, settings)
     info: dict[str, Any] = {
         "method": method,
         "w_bit": settings.w_bit,
@@ -298,14 +338,16 @@ def compare(
     """
     from awq_jax.api import model_perplexity
 
+    check_quantizable(model, settings)
+
     def ppl(m, desc):
         fake = m.replace(params=dequantized(m.params, m.params["embed_tokens"]["embedding"].dtype))
         return model_perplexity(fake, windows=windows, progress=progress, desc=desc)
 
-    fp = ppl(model, "FP")
-    rtn = ppl(quantize_model(model, settings, method="rtn", progress=progress), "RTN")
+    fp = ppl(model, "FP perplexity")
+    rtn = ppl(quantize_model(model, settings, method="rtn", progress=progress), "RTN perplexity")
     awq_model = quantize_model(model, settings, method="awq", calib=calib, progress=progress)
-    awq = ppl(awq_model, "AWQ")
+    awq = ppl(awq_model, "AWQ perplexity")
     gap = rtn["ppl"] - fp["ppl"]
     result = {
         "model": str(model.path),

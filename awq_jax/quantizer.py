@@ -25,7 +25,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-__all__ = ["QuantizedTensor", "fake_quantize", "quantize", "resolve_group_size"]
+__all__ = [
+    "QuantizedTensor",
+    "check_bits",
+    "fake_quantize",
+    "group_size_hint",
+    "quantize",
+    "resolve_group_size",
+]
 
 
 @jax.tree_util.register_dataclass
@@ -64,6 +71,12 @@ class QuantizedTensor:
         return ((q_gsn - z_g1n) * s_g1n).reshape(*lead, k, n).astype(dtype)
 
 
+def group_size_hint(*in_features: int) -> str:
+    """The usual group sizes (16-256) that divide every one of ``in_features``, for messages."""
+    fits = [g for g in (32, 64, 128, 16, 256) if all(k % g == 0 for k in in_features)]
+    return f"{' or '.join(map(str, fits[:3]))} or -1 (per channel)" if fits else "-1 (per channel)"
+
+
 def resolve_group_size(group_size: int, in_features: int) -> int:
     """``-1`` means one group per column (per-channel); otherwise it must divide ``in_features``."""
     if group_size == -1:
@@ -71,12 +84,13 @@ def resolve_group_size(group_size: int, in_features: int) -> int:
     if group_size <= 0 or in_features % group_size:
         raise ValueError(
             f"group size {group_size} does not divide the input dimension {in_features}; "
-            f"choose a divisor of {in_features} (e.g. 32 or 64) or -1 for per-channel"
+            f"choose {group_size_hint(in_features)}"
         )
     return group_size
 
 
-def _check_bits(bits: int) -> None:
+def check_bits(bits: int) -> None:
+    """ValueError unless 2 <= bits <= 8."""
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be between 2 and 8, got {bits}")
 
@@ -111,7 +125,7 @@ def quantize(
     stores) and the codes and zero points are computed against the rounded scale, so saving
     the result loses nothing.
     """
-    _check_bits(bits)
+    check_bits(bits)
     k, n = w_kn.shape
     g = resolve_group_size(group_size, k)
     w_gsn = w_kn.astype(jnp.float32).reshape(k // g, g, n)
@@ -130,7 +144,7 @@ def fake_quantize(
     w_kn: jax.Array, *, bits: int = 4, group_size: int = 128, zero_point: bool = True
 ) -> jax.Array:
     """``dequantize(quantize(w))`` in float32 scales, in ``w``'s dtype: what the search scores."""
-    _check_bits(bits)
+    check_bits(bits)
     k, n = w_kn.shape
     g = resolve_group_size(group_size, k)
     w_gsn = w_kn.astype(jnp.float32).reshape(k // g, g, n)

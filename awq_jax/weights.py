@@ -104,16 +104,32 @@ def hf_name_to_path(name: str) -> tuple[tuple[str, ...], int | None, bool] | Non
     return None
 
 
+def _read_json(path: Path) -> Any:
+    """The JSON value in ``path``; a `CheckpointError` naming the file if it is not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+
+
 def read_config(model_dir: str | Path) -> dict[str, Any]:
+    """The ``config.json`` dict of a model folder, checked with `ModelConfig.from_hf`.
+
+    Raises:
+      CheckpointError: no such folder, no ``config.json``, or not a JSON object.
+      UnsupportedModelError: (`awq_jax.config`; `InvalidConfigError` for a malformed value)
+        a config `ModelConfig.from_hf` rejects; the message starts with the file's path.
+    """
     path = Path(model_dir) / "config.json"
     if not Path(model_dir).is_dir():
         raise CheckpointError(f"model directory not found: {model_dir}")
     if not path.is_file():
         raise CheckpointError(f"missing config.json in {model_dir}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    cfg = _read_json(path)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    ModelConfig.from_hf(cfg, source=path)
+    return cfg
 
 
 def safetensors_files(model_dir: str | Path) -> list[Path]:
@@ -121,7 +137,15 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
     d = Path(model_dir)
     index = d / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        body = _read_json(index)
+        weight_map = body.get("weight_map") if isinstance(body, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise CheckpointError(
+                f"{index}: expected an object with a 'weight_map' of tensor name -> file name"
+            )
+        names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (d / n).is_file()]
         if missing:
             raise CheckpointError(f"{index} lists shards that are missing: {missing}")

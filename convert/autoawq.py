@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from safetensors.numpy import save_file
 
 from awq_jax import weights
 from awq_jax.quantizer import QuantizedTensor
+from convert.outdir import check_destination, staged_dir
 
 __all__ = [
     "AWQ_ORDER",
@@ -291,22 +291,6 @@ def _check_extra_files(extra: Mapping[str, bytes]) -> None:
             raise ValueError(f"extra_files: {name!r} must be bytes, got {type(data).__name__}")
 
 
-def _check_destination(out: Path, overwrite: bool) -> None:
-    if not (out.exists() or out.is_symlink()):
-        return
-    if not overwrite:
-        raise FileExistsError(
-            f"{out} already exists; pass --overwrite (overwrite=True) to replace it"
-        )
-    if not out.is_dir() or out.is_symlink():
-        raise FileExistsError(f"{out} exists and is not a directory; refusing to replace it")
-    if any(out.iterdir()) and not (out / CONFIG_NAME).is_file():
-        raise FileExistsError(
-            f"{out} is not empty and has no {CONFIG_NAME}, so it does not look like a model "
-            "checkpoint; refusing to overwrite it (remove it yourself if you mean to)"
-        )
-
-
 def save_checkpoint(
     out_dir: str | os.PathLike[str],
     tensors: Mapping[str, Any],
@@ -351,8 +335,9 @@ def save_checkpoint(
     Returns:
       ``out_dir`` as a ``Path``.
 
-    The write is atomic: everything goes to a temporary directory next to ``out_dir`` that is
-    renamed at the end, so an interrupted write leaves no valid-looking checkpoint behind.
+    The write is atomic (`convert.outdir`): everything goes to a temporary directory next to
+    ``out_dir`` that is renamed at the end, so an interrupted write leaves no partial
+    checkpoint behind; ``out_dir`` is never ``copy_files_from`` or a folder above it.
     """
     out = Path(out_dir).absolute()
     if dtype not in _DTYPES:
@@ -362,7 +347,7 @@ def save_checkpoint(
     src = Path(copy_files_from) if copy_files_from is not None else None
     if src is not None and not src.is_dir():
         raise FileNotFoundError(f"copy_files_from={src} is not a directory")
-    _check_destination(out, overwrite)
+    check_destination(out, overwrite, sources=() if src is None else (src,))
     _check_tensors(tensors)
     extra = dict(extra_files or {})
     _check_extra_files(extra)
@@ -382,13 +367,7 @@ def save_checkpoint(
     if "dtype" in config_out:  # transformers >= 4.56 spells it "dtype"; keep the two in step
         config_out["dtype"] = dtype
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # mkdtemp makes a private (0700) directory; the checkpoint inside it is made by os.mkdir,
-    # so it gets the user's usual permissions once renamed into place.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp = staging / out.name
-    try:
-        tmp.mkdir()
+    with staged_dir(out, overwrite, sources=() if src is None else (src,)) as tmp:
         _write_weights(tmp, tensors, np_dtype, max_shard_bytes)
         if src is not None:
             for name in _COPIED_FILES:
@@ -398,9 +377,6 @@ def save_checkpoint(
             (tmp / name).write_bytes(data)
         # config.json last: a leftover temp directory never looks like a finished checkpoint.
         (tmp / CONFIG_NAME).write_text(json.dumps(config_out, indent=2) + "\n")
-        _replace_dir(tmp, out, overwrite)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
@@ -429,23 +405,6 @@ def _write_weights(
             "weight_map": dict(sorted(weight_map.items())),
         }
         (tmp / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Renames ``tmp`` to ``out``; an existing ``out`` is moved aside first, then deleted."""
-    if not (out.exists() or out.is_symlink()):
-        os.rename(tmp, out)  # never clobbers a non-empty directory created meanwhile
-        return
-    _check_destination(out, overwrite)
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rename(out, old / out.name)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old / out.name, out)
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------

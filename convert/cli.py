@@ -1,19 +1,29 @@
 """``awq-jax``: the command line. Each subcommand is a thin wrapper over one library call.
 
-A user mistake (bad path, bad option value, unsupported model, corrupt file) ends with one clear
-line on stderr and exit code 2, never a traceback.
+A user mistake (bad path, bad option value, unsupported model, corrupt file, an output folder
+that cannot be written) ends with one clear line on stderr and exit code 2, never a traceback.
+Options that would have no effect in a command line (quantization options of ``eval``
+without ``--compare``, AWQ options with ``--method rtn``) are refused the same way. Ctrl-C
+(exit 130) and SIGTERM (exit 143) stop cleanly: an output being written is removed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
 
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError)
+# OSError: missing files, existing outputs, unwritable or full disks; all name their path.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup (`convert.outdir`) runs."""
 
 
 def _positive_int(text: str) -> int:
@@ -44,9 +54,17 @@ def _add_model_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_quant_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("quantization")
-    g.add_argument("--w-bit", type=int, default=4, help="bits per weight, 2..8 (default 4)")
+def _add_quant_args(p: argparse.ArgumentParser, *, with_compare: bool = False) -> None:
+    """The quantization, calibration and search options; ``with_compare``: ``eval``'s, which
+    apply only with ``--compare`` (`_refuse_unused` checks)."""
+    only = " (with --compare)" if with_compare else ""
+    g = p.add_argument_group("quantization" + only)
+    g.add_argument(
+        "--w-bit",
+        type=int,
+        default=4,
+        help="bits per weight, 2..8 (default 4; a saved checkpoint holds 4 only)",
+    )
     g.add_argument(
         "--group-size",
         type=int,
@@ -59,7 +77,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="symmetric quantization instead of asymmetric with a zero point",
     )
-    c = p.add_argument_group("calibration (AWQ)")
+    c = p.add_argument_group("calibration (AWQ)" + only)
     c.add_argument(
         "--calib",
         nargs="+",
@@ -71,9 +89,14 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--n-samples", type=_positive_int, default=128, help="calibration blocks (default 128)"
     )
-    c.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per calibration block")
-    c.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
-    s = p.add_argument_group("search (AWQ)")
+    c.add_argument(
+        "--seqlen",
+        type=_positive_int,
+        default=512,
+        help="tokens per calibration block (default 512)",
+    )
+    c.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    s = p.add_argument_group("search (AWQ)" + only)
     s.add_argument(
         "--duo-scaling",
         default="true",
@@ -100,6 +123,17 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         help="split calibration forwards into chunks of at most this many tokens "
         "(bounds device memory on big models)",
     )
+    p.set_defaults(
+        _quant_options=list(g._group_actions),
+        _awq_options=[a for group in (c, s) for a in group._group_actions],
+    )
+
+
+def _refuse_unused(args: argparse.Namespace, actions, why: str) -> None:
+    """ValueError naming the options among ``actions`` given a non-default value."""
+    given = [a.option_strings[0] for a in actions if getattr(args, a.dest) != a.default]
+    if given:
+        raise ValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} {why}")
 
 
 def _cmd_import_gguf(args: argparse.Namespace) -> None:
@@ -133,18 +167,31 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     )
 
 
+def _check_finite(result: dict) -> None:
+    """ValueError for a NaN or infinite perplexity (not a result: and not valid JSON)."""
+    bad = [k for k, v in result["results"].items() if not math.isfinite(v["ppl"])]
+    if bad:
+        raise ValueError(
+            f"perplexity of {', '.join(bad)} is not finite: the model computes NaN or inf "
+            "(non-finite weights, or activations that overflow --dtype)"
+        )
+
+
 def _cmd_eval(args: argparse.Namespace) -> None:
     from awq_jax.api import load_model, model_perplexity
 
+    if not args.compare:
+        _refuse_unused(args, args._quant_options + args._awq_options, "only with --compare")
     model = load_model(args.model, dtype=args.dtype)
-    if args.compare:
+    if args.compare:  # progress bars go to stderr, so --json output stays clean
         from awq_jax.pipeline import compare, format_compare_table, quant_settings_from_args
 
         settings, calib = quant_settings_from_args(args)
-        result = compare(model, settings, calib, windows=args.windows, progress=not args.json)
+        result = compare(model, settings, calib, windows=args.windows)
+        _check_finite(result)
         print(json.dumps(result, indent=2) if args.json else format_compare_table(result))
         return
-    r = model_perplexity(model, windows=args.windows, progress=not args.json)
+    r = model_perplexity(model, windows=args.windows)
     result = {
         "model": str(model.path),
         "windows": r["windows"],
@@ -155,6 +202,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     }
     if model.quantization:
         result["quantization"] = model.quantization
+    _check_finite(result)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -166,18 +214,25 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 def _cmd_quantize(args: argparse.Namespace) -> None:
     from awq_jax.api import load_model
-    from awq_jax.pipeline import quant_settings_from_args, quantize_model
+    from awq_jax.checkpoint import save_quantized
+    from awq_jax.pipeline import check_quantizable, quant_settings_from_args, quantize_model
+    from convert.outdir import check_destination
 
-    if args.output and os.path.exists(args.output) and not args.overwrite:  # before the work
-        raise FileExistsError(f"{args.output} already exists; pass --overwrite to replace it")
+    # Everything that can be refused is refused before the work (loading, calibration, search).
+    if args.method == "rtn":
+        _refuse_unused(args, args._awq_options, "only to --method awq")
+    if args.w_bit != 4:
+        raise ValueError(
+            f"the AutoAWQ GEMM format holds 4-bit weights only, got --w-bit {args.w_bit}"
+        )
+    sources = [args.model] if args.model else []
+    check_destination(args.output, args.overwrite, sources=sources)
     model = load_model(args.model, dtype=args.dtype)
     settings, calib = quant_settings_from_args(args)
+    check_quantizable(model, settings)
     qmodel = quantize_model(model, settings, method=args.method, calib=calib)
-    if args.output:
-        from awq_jax.checkpoint import save_quantized
-
-        out = save_quantized(qmodel, args.output, overwrite=args.overwrite)
-        print(f"wrote {out}")
+    out = save_quantized(qmodel, args.output, overwrite=args.overwrite, dtype=args.save_dtype)
+    print(f"wrote {out}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -214,7 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["bfloat16", "float16", "float32"],
         help="dtype of the written weights (default bfloat16)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT_DIR if it exists (only a folder holding a config.json)",
+    )
     p.set_defaults(func=_cmd_import_gguf)
 
     p = sub.add_parser(
@@ -231,7 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt text (repeat for a batch)",
     )
     _add_model_arg(p)
-    p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate")
+    p.add_argument(
+        "--max-new-tokens", type=_positive_int, default=32, help="tokens to generate (default 32)"
+    )
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
@@ -259,14 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="quantize with RTN and AWQ and print the FP / RTN / AWQ table",
     )
-    _add_quant_args(p)
+    _add_quant_args(p, with_compare=True)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
         "quantize",
-        help="quantize a model with AWQ or RTN, optionally save it",
+        help="quantize a model with AWQ or RTN and save it",
         description="Quantize the linear layers of a model (AWQ search or plain "
-        "round-to-nearest) and write an AutoAWQ GEMM checkpoint.",
+        "round-to-nearest) and write an AutoAWQ GEMM checkpoint (4-bit) that vLLM, "
+        "transformers and awq-jax load. The output is checked before any work and written "
+        "atomically: a failed or interrupted run leaves nothing at --output.",
     )
     _add_model_arg(p)
     p.add_argument(
@@ -278,10 +341,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output",
         metavar="DIR",
-        default=None,
-        help="write an AutoAWQ GEMM checkpoint here (atomically)",
+        required=True,
+        help="the checkpoint folder to write (not the input model's folder)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --output if it exists (only a folder holding a config.json)",
+    )
+    p.add_argument(
+        "--save-dtype",
+        default="float16",
+        choices=["float16", "bfloat16"],
+        help="dtype of the unquantized tensors (embeddings, norms, lm_head): float16, what "
+        "the format's users expect (default), or bfloat16 for weights that overflow float16",
+    )
     _add_quant_args(p)
     p.set_defaults(func=_cmd_quantize)
 
@@ -298,7 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="AWQ calibration blocks of 512 tokens (default 8: ~10 min on 2 CPU cores)",
     )
     p.add_argument(
-        "--windows", type=_positive_int, default=32, help="evaluation windows of 512 tokens"
+        "--windows",
+        type=_positive_int,
+        default=32,
+        help="evaluation windows of 512 tokens (default 32)",
     )
     p.set_defaults(func=_cmd_demo)
 
@@ -309,8 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
         "on an 8B-shaped random model ('generate'), where one decode step's GPU time "
         "goes, kernel by kernel ('profile'), and the AWQ search time ('search').",
     )
-    p.add_argument("what", choices=["generate", "profile", "search"])
-    p.add_argument("--out", default="docs/benchmarks", help="folder for the JSON/markdown")
+    p.add_argument("what", choices=["generate", "profile", "search"], help="which benchmark")
+    p.add_argument(
+        "--out",
+        default="docs/benchmarks",
+        help="folder for the JSON/markdown (default docs/benchmarks, relative to the "
+        "current folder)",
+    )
     p.add_argument("--quick", action="store_true", help="fewer configurations (smoke test)")
     p.add_argument(
         "--impls",
@@ -332,14 +414,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     # which awq-jax never needs; keep stderr for our own messages.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(argv)
+
+    def terminate(signum, frame):
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except _Terminated:
+        print("terminated", file=sys.stderr)
+        sys.exit(143)
     except _USER_ERRORS as e:
         print(f"awq-jax {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,8 @@ import numpy as np
 from gguf import GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 from tqdm.auto import tqdm
+
+from convert.outdir import check_destination, staged_dir
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "GGUFImportError", "import_gguf", "unpermute_rows"]
 
@@ -129,20 +129,26 @@ def import_gguf(
 
     `dtype` ("bfloat16", "float16" or "float32") is the dtype of every tensor in
     `model.safetensors` (dequantization itself is done in float32). The folder is written
-    into a temporary sibling directory and renamed into place, so `out_dir` either does not
-    exist or is complete; if it already exists (and is not empty) this raises
-    `FileExistsError` unless `overwrite=True`. Returns `out_dir` as a `Path`.
+    into a temporary sibling directory and renamed into place (`convert.outdir`), so
+    `out_dir` either does not exist or is complete. If it already exists (and is not empty)
+    this raises `FileExistsError` unless `overwrite=True`, and even then replaces only a
+    folder that holds a config.json; `out_dir` is never the folder holding `gguf_path`.
+    Returns `out_dir` as a `Path`.
     """
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if gguf_path.is_dir():
+        raise GGUFImportError(f"{gguf_path} is a folder; pass the .gguf file inside it")
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
-    if _nonempty(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
+    check_destination(out_dir, overwrite, sources=(gguf_path,))
 
-    reader = GGUFReader(gguf_path)
+    try:
+        reader = GGUFReader(gguf_path)
+    except (ValueError, IndexError, KeyError, struct.error) as e:
+        raise GGUFImportError(f"{gguf_path}: not a readable GGUF file (truncated?): {e}") from e
     arch = _get(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise GGUFImportError(
@@ -156,10 +162,7 @@ def import_gguf(
     except GGUFImportError as e:
         raise GGUFImportError(f"{gguf_path}: {e}") from None
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, 0o755)
+    with staged_dir(out_dir, overwrite, sources=(gguf_path,)) as tmp:
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "generation_config.json", _generation_config(config))
         (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
@@ -171,10 +174,6 @@ def import_gguf(
             dtype,
             progress=progress,
         )
-        _move_into_place(tmp, out_dir, overwrite=overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -489,23 +488,3 @@ def _tokenizer_files(reader: GGUFReader, config: dict[str, Any]) -> tuple[str, d
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _nonempty(path: Path) -> bool:
-    return path.exists() and (not path.is_dir() or any(path.iterdir()))
-
-
-def _move_into_place(tmp: Path, out_dir: Path, *, overwrite: bool) -> None:
-    """Rename the finished temp folder to `out_dir` (atomic on one filesystem)."""
-    old = None
-    if overwrite and _nonempty(out_dir):
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)  # replaces an empty directory; fails on a non-empty one
-    except OSError as e:
-        if _nonempty(out_dir):
-            raise FileExistsError(f"{out_dir} appeared while converting") from e
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

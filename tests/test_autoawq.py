@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from awq_jax.quantizer import QuantizedTensor, quantize
-from convert import autoawq
+from convert import autoawq, outdir
 from convert.autoawq import (
     CheckpointError,
     load_checkpoint,
@@ -315,6 +315,27 @@ def test_overwrite_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
     assert (tmp_path / "home" / "notes.txt").read_text() == "precious"
 
 
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """safetensors creates its files 0600; a checkpoint must be readable like any other file."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        out = save_checkpoint(tmp_path / "ckpt", _weights(2, 64, True), CONFIG)
+    finally:
+        os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes
+    assert out.stat().st_mode & 0o777 == 0o755
+
+
+def test_output_never_replaces_the_folder_it_copies_from(tmp_path):
+    src = save_checkpoint(tmp_path / "ckpt", _weights(2, 64, True), CONFIG)
+    with pytest.raises(ValueError, match="would replace the input"):
+        save_checkpoint(src, _weights(2, 64, True), CONFIG, copy_files_from=src, overwrite=True)
+    assert (src / "config.json").is_file()
+
+
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, overwrite):
     if overwrite:
@@ -386,7 +407,7 @@ def test_writer_validation(tmp_path, monkeypatch, tensors, match):
     def no_temp_dir(*args, **kwargs):
         raise AssertionError("validation must happen before anything is written")
 
-    monkeypatch.setattr(autoawq.tempfile, "mkdtemp", no_temp_dir)
+    monkeypatch.setattr(outdir.tempfile, "mkdtemp", no_temp_dir)
     with pytest.raises(ValueError, match=match):
         save_checkpoint(tmp_path / "ckpt", tensors, CONFIG)
     assert list(tmp_path.iterdir()) == []

@@ -93,12 +93,36 @@ def _assert_same_params(loaded, original) -> None:
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory, bundled_model_dir) -> Path:
-    """A model folder's non-weight files (the bundled tokenizer; any vocab size will do)."""
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A model folder's non-weight files: a word-level tokenizer of 40 tokens, which fits
+    the tiny configs' vocabulary (101) as loading requires."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [
+        "four",
+        "score",
+        "and",
+        "seven",
+        "years",
+        "ago",
+        "our",
+        "fathers",
+        "brought",
+        "forth",
+        "on",
+        "this",
+        "continent",
+    ]
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *words, *map(str, range(25))])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
     d = tmp_path_factory.mktemp("tok")
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        if (bundled_model_dir / name).is_file():
-            shutil.copy(bundled_model_dir / name, d / name)
+    tok.save(str(d / "tokenizer.json"))
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (d / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **special})
+    )
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
     return d
 
 

@@ -112,7 +112,7 @@ def test_model_path_is_a_file(tmp_path: Path) -> None:
 
 def test_unsupported_model_type(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 768}))
-    r = awq_jax("quantize", "--method", "rtn", "--model", str(tmp_path))
+    r = awq_jax("quantize", "--method", "rtn", "--model", str(tmp_path), "--output", "out")
     assert_user_error(r, "gpt2", "unsupported")
 
 
@@ -127,15 +127,16 @@ def test_missing_gguf(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_group_size_must_divide_hidden_size() -> None:
-    r = awq_jax("quantize", "--method", "rtn", "--group-size", "100")
-    assert_user_error(r, "group size 100", "576")
+def test_group_size_must_divide_hidden_size(tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    r = awq_jax("quantize", "--method", "rtn", "--group-size", "100", "--output", out)
+    assert_user_error(r, "group size 100", "576", "choose 32 or 64")
 
 
 @pytest.mark.slow
 def test_missing_calibration_file(tmp_path: Path) -> None:
     missing = tmp_path / "calib.txt"
-    r = awq_jax("quantize", "--calib", str(missing))
+    r = awq_jax("quantize", "--calib", str(missing), "--output", str(tmp_path / "out"))
     assert_user_error(r, "calibration file not found", str(missing))
 
 
@@ -143,15 +144,17 @@ def test_missing_calibration_file(tmp_path: Path) -> None:
 def test_bad_calibration_jsonl(tmp_path: Path) -> None:
     bad = tmp_path / "calib.jsonl"
     bad.write_text('{"content": "no text field"}\n')
-    assert_user_error(awq_jax("quantize", "--calib", str(bad)), "calib.jsonl:1", "'text'")
+    r = awq_jax("quantize", "--calib", str(bad), "--output", str(tmp_path / "out"))
+    assert_user_error(r, "calib.jsonl:1", "'text'")
 
 
 @pytest.mark.slow
 def test_too_little_calibration_text(tmp_path: Path) -> None:
     short = tmp_path / "calib.txt"
     short.write_text("Four score and seven years ago.")
-    r = awq_jax("quantize", "--calib", str(short), "--n-samples", "2")
+    r = awq_jax("quantize", "--calib", str(short), "--n-samples", "2", "--output", "out")
     assert_user_error(r, "fewer than")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
@@ -162,6 +165,34 @@ def test_output_exists(tmp_path: Path) -> None:
     r = awq_jax("quantize", "--method", "rtn", "--output", str(tmp_path), "--overwrite")
     assert_user_error(r, "refusing to overwrite")
     assert (tmp_path / "notes.txt").read_text() == "not a checkpoint"
+
+
+def test_options_without_effect_are_refused(tmp_path: Path) -> None:
+    """Refused before anything is loaded, so these return at once."""
+    r = awq_jax("eval", "--w-bit", "3", "--calib", "x.txt", timeout=60)
+    assert_user_error(r, "--w-bit, --calib apply only with --compare")
+    out = str(tmp_path / "out")
+    r = awq_jax("quantize", "--method", "rtn", "--n-samples", "4", "--output", out, timeout=60)
+    assert_user_error(r, "--n-samples applies only to --method awq")
+    r = awq_jax("quantize", "--w-bit", "3", "--output", out, timeout=60)
+    assert_user_error(r, "4-bit weights only")
+
+
+def test_output_is_checked_before_any_work(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    args = ("quantize", "--method", "rtn", "--model", str(model))
+    r = awq_jax(*args, "--output", str(model), "--overwrite", timeout=60)
+    assert_user_error(r, "would replace the input")
+    r = awq_jax(*args, "--output", str(tmp_path), "--overwrite", timeout=60)  # its parent
+    assert_user_error(r, "would replace the input")
+    (tmp_path / "file").write_text("x")
+    r = awq_jax(*args, "--output", str(tmp_path / "file" / "out"), timeout=60)
+    assert_user_error(r, "is a file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "model"]
+    r = awq_jax("quantize", "--method", "rtn", timeout=60)
+    assert_user_error(r, "--output", usage=True)
 
 
 def test_bench_needs_a_gpu() -> None:

@@ -174,6 +174,60 @@ def test_existing_output_refused_unless_overwrite(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "tiny.gguf"]
 
 
+def test_overwrite_never_deletes_the_input_or_a_folder_of_other_things(tmp_path):
+    """The audit's case: ``import-gguf ggdir/model.gguf ggdir --overwrite`` deleted both."""
+    src = tmp_path / "ggdir"
+    src.mkdir()
+    write_tiny_gguf(src / "tiny.gguf")
+    with pytest.raises(ValueError, match="would replace the input"):
+        import_gguf(src / "tiny.gguf", src, overwrite=True, progress=False)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "README.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="does not look like a model checkpoint"):
+        import_gguf(src / "tiny.gguf", notes, overwrite=True, progress=False)
+    (tmp_path / "a.txt").write_text("a file")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        import_gguf(src / "tiny.gguf", tmp_path / "a.txt", overwrite=True, progress=False)
+    with pytest.raises(GGUFImportError, match="is a folder"):
+        import_gguf(src, tmp_path / "hf", progress=False)
+    assert [p.name for p in src.iterdir()] == ["tiny.gguf"]
+    assert (notes / "README.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "ggdir", "notes"]
+
+
+def test_truncated_gguf_names_the_file(tmp_path):
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    data = (tmp_path / "tiny.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 3])
+    with pytest.raises(GGUFImportError, match="cut.gguf"):
+        import_gguf(tmp_path / "cut.gguf", tmp_path / "hf", progress=False)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_sigterm_during_the_write_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """The CLI turns SIGTERM into an exception, so the staging folder is removed (exit 143)."""
+    import os
+    import signal
+
+    import convert.gguf as mod
+    from convert.cli import main
+
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+
+    def killed_write(path, *args, **kwargs):
+        path.write_bytes(b"partial")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(mod, "_write_safetensors", killed_write)
+    with pytest.raises(SystemExit) as e:
+        main(["import-gguf", str(tmp_path / "tiny.gguf"), str(tmp_path / "hf")])
+    assert e.value.code == 143
+    assert "terminated" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+
 def test_output_appearing_during_conversion_is_kept(tmp_path, monkeypatch):
     """A concurrent converter that finishes first wins; ours is discarded, nothing left over."""
     import convert.gguf as mod

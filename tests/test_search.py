@@ -189,3 +189,26 @@ def test_nan_weights_are_refused_with_the_path():
     model = Model(GQA, params, tokenizer=None, path=None, hf_config={})
     with pytest.raises(ValueError, match="non-finite values in layers/mlp/up_proj"):
         quantize_model(model, SETTINGS, method="rtn")
+    # Not only the linears: a NaN norm or embedding would make every search loss NaN.
+    params["layers"]["mlp"]["up_proj"]["kernel"] = kernel
+    norm = params["layers"]["input_layernorm"]["scale"]
+    params["layers"]["input_layernorm"]["scale"] = norm.at[0, 1].set(jnp.inf)
+    model = Model(GQA, params, tokenizer=None, path=None, hf_config={})
+    with pytest.raises(ValueError, match="non-finite values in layers/input_layernorm/scale"):
+        quantize_model(model, SETTINGS, method="awq")
+
+
+def test_already_quantized_and_bad_group_size_are_refused_before_any_work():
+    from awq_jax.api import Model
+    from awq_jax.pipeline import quantize_model
+
+    params, _ = _layer(GQA)
+    model = Model(GQA, params, tokenizer=None, path=None, hf_config={})
+    # calib=None with method awq would need a tokenizer: the checks come first.
+    d = GQA.hidden_size
+    match = f"group size 48 does not divide q_proj/k_proj/v_proj's input dimension {d}; choose 32"
+    with pytest.raises(ValueError, match=match):
+        quantize_model(model, dataclasses.replace(SETTINGS, group_size=48), method="awq")
+    rtn = quantize_model(model, SETTINGS, method="rtn")
+    with pytest.raises(ValueError, match="already quantized \\(method rtn\\)"):
+        quantize_model(rtn, SETTINGS, method="rtn")
