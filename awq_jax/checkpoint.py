@@ -35,6 +35,7 @@ __all__ = [
     "RECORDS_ARRAYS",
     "RECORDS_FILE",
     "CheckpointError",
+    "check_saveable",
     "load_quantized",
     "load_records",
     "save_quantized",
@@ -153,11 +154,25 @@ def _hf_config_for(model: Any) -> dict[str, Any]:
     return cfg
 
 
-def _check_fits_float16(name: str, x: np.ndarray) -> None:
-    if x.size and float(np.max(np.abs(x.astype(np.float32)))) > _FLOAT16_MAX:
+def check_saveable(model: Any, *, dtype: str = "float16") -> None:
+    """Before quantizing a float model: ValueError if a tensor the checkpoint will store
+    unquantized (embeddings, norms, lm_head, biases) overflows ``dtype``. (AWQ's scales
+    change the norms a little; `save_quantized` checks again.)"""
+    if dtype != "float16":
+        return
+    for key, value in params_to_hf(model.params, model.config).items():
+        target = hf_name_to_path(key)
+        if target is not None and target[0][0] == "layers" and target[0][-1] == "kernel":
+            continue  # a linear: quantized
+        _check_fits_float16(key, np.asarray(value))
+
+
+def _check_fits_float16(name: str, x: Any) -> None:
+    if x.size and float(np.max(np.abs(np.asarray(x, np.float32)))) > _FLOAT16_MAX:
         raise ValueError(
-            f"{name}: values up to {float(np.max(np.abs(x.astype(np.float32)))):.4g} overflow "
-            "float16; save with dtype='bfloat16' (awq-jax quantize --save-dtype bfloat16)"
+            f"{name}: values up to {float(np.max(np.abs(np.asarray(x, np.float32)))):.4g} "
+            "overflow float16; save as bfloat16 (awq-jax quantize --save-dtype bfloat16; "
+            "dtype='bfloat16' in Python)"
         )
 
 

@@ -254,9 +254,13 @@ def check_quantizable(model, settings: SearchSettings) -> None:
         method = (model.quantization or {}).get("method", "unknown")
         raise ValueError(
             f"{model.path or 'the model'} is already quantized (method {method}); "
-            "quantize the float model it came from"
+            "start from the float model it came from"
         )
     check_bits(settings.w_bit)
+    if settings.group_size != -1 and settings.group_size < 1:
+        raise ValueError(
+            f"group size must be positive or -1 (per channel), got {settings.group_size}"
+        )
     if settings.group_size != -1:
         dims = _linear_inputs(model.config)
         for name, k in dims.items():
@@ -300,6 +304,12 @@ def quantize_model(
         params = rtn_quantize(model.config, model.params, settings)
     elif method == "awq":
         calib = dict(calib or {})
+        seqlen = calib.get("seqlen", 512)
+        if seqlen > model.config.max_position_embeddings:
+            raise ValueError(
+                f"calibration blocks of {seqlen} tokens are longer than the model's "
+                f"max_position_embeddings ({model.config.max_position_embeddings})"
+            )
         files = calib.pop("files", None)
         if texts is None and files:
             texts = read_text_files(files)

@@ -81,7 +81,9 @@ def resolve_group_size(group_size: int, in_features: int) -> int:
     """``-1`` means one group per column (per-channel); otherwise it must divide ``in_features``."""
     if group_size == -1:
         return in_features
-    if group_size <= 0 or in_features % group_size:
+    if group_size <= 0:
+        raise ValueError(f"group size must be positive or -1 (per channel), got {group_size}")
+    if in_features % group_size:
         raise ValueError(
             f"group size {group_size} does not divide the input dimension {in_features}; "
             f"choose {group_size_hint(in_features)}"

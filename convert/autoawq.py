@@ -396,7 +396,10 @@ def _write_weights(
                 arrays.update(_quantized_arrays(key, value))
             else:
                 arrays[key] = _plain_array(value, np_dtype)
-        save_file(arrays, tmp / fname, metadata={"format": "pt"})
+        try:
+            save_file(arrays, tmp / fname, metadata={"format": "pt"})
+        except SafetensorError as e:  # e.g. no space left on the device
+            raise OSError(f"writing {fname}: {e}") from e
         weight_map.update(dict.fromkeys(arrays, fname))
         del arrays
     if n > 1:

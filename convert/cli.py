@@ -37,14 +37,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_model_arg(p: argparse.ArgumentParser) -> None:
+def _add_model_arg(
+    p: argparse.ArgumentParser, what: str = "float safetensors, or an AutoAWQ GEMM checkpoint"
+) -> None:
     p.add_argument(
         "--model",
         metavar="DIR",
         default=None,
-        help="Hugging Face model folder (float safetensors, or an AutoAWQ GEMM checkpoint). "
-        "Default: the bundled SmolLM2-135M-Instruct, converted once into the cache "
-        "($AWQ_JAX_CACHE, default ~/.cache/awq-jax).",
+        help=f"Hugging Face model folder ({what}). Default: the bundled "
+        "SmolLM2-135M-Instruct, converted once into the cache ($AWQ_JAX_CACHE, default "
+        "~/.cache/awq-jax).",
     )
     p.add_argument(
         "--dtype",
@@ -121,7 +123,7 @@ def _add_quant_args(p: argparse.ArgumentParser, *, with_compare: bool = False) -
         type=_positive_int,
         default=None,
         help="split calibration forwards into chunks of at most this many tokens "
-        "(bounds device memory on big models)",
+        "(bounds device memory on big models; default: all blocks at once)",
     )
     p.set_defaults(
         _quant_options=list(g._group_actions),
@@ -130,8 +132,14 @@ def _add_quant_args(p: argparse.ArgumentParser, *, with_compare: bool = False) -
 
 
 def _refuse_unused(args: argparse.Namespace, actions, why: str) -> None:
-    """ValueError naming the options among ``actions`` given a non-default value."""
-    given = [a.option_strings[0] for a in actions if getattr(args, a.dest) != a.default]
+    """ValueError naming the options among ``actions`` given on the command line (or holding
+    a value other than their default)."""
+
+    def given_(a: argparse.Action) -> bool:
+        named = any(t == o or t.startswith(o + "=") for t in args._argv for o in a.option_strings)
+        return named or getattr(args, a.dest) != a.default
+
+    given = [a.option_strings[0] for a in actions if given_(a)]
     if given:
         raise ValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} {why}")
 
@@ -214,7 +222,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 def _cmd_quantize(args: argparse.Namespace) -> None:
     from awq_jax.api import load_model
-    from awq_jax.checkpoint import save_quantized
+    from awq_jax.checkpoint import check_saveable, save_quantized
     from awq_jax.pipeline import check_quantizable, quant_settings_from_args, quantize_model
     from convert.outdir import check_destination
 
@@ -230,6 +238,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     model = load_model(args.model, dtype=args.dtype)
     settings, calib = quant_settings_from_args(args)
     check_quantizable(model, settings)
+    check_saveable(model, dtype=args.save_dtype)
     qmodel = quantize_model(model, settings, method=args.method, calib=calib)
     out = save_quantized(qmodel, args.output, overwrite=args.overwrite, dtype=args.save_dtype)
     print(f"wrote {out}")
@@ -307,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         "512-token windows, exp(mean NLL). With --compare: FP vs RTN "
         "vs AWQ under the same quantization settings.",
     )
-    _add_model_arg(p)
+    _add_model_arg(p, "float safetensors, or an AutoAWQ GEMM checkpoint; --compare needs float")
     p.add_argument(
         "--windows",
         type=_positive_int,
@@ -331,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
         "transformers and awq-jax load. The output is checked before any work and written "
         "atomically: a failed or interrupted run leaves nothing at --output.",
     )
-    _add_model_arg(p)
+    _add_model_arg(p, "float safetensors; not a quantized checkpoint")
     p.add_argument(
         "--method",
         default="awq",
@@ -413,7 +422,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     # transformers (imported for the tokenizer) warns on every run that torch is missing,
     # which awq-jax never needs; keep stderr for our own messages.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args._argv = argv
 
     def terminate(signum, frame):
         raise _Terminated

@@ -59,16 +59,16 @@ def check_destination(
                 f"the output {out} would replace the input {Path(src)}: choose another folder"
             )
     if _exists(out) and not (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
-        if not overwrite:
-            raise FileExistsError(
-                f"{out} already exists; pass --overwrite (overwrite=True) to replace it"
-            )
         if not out.is_dir() or out.is_symlink():
             raise FileExistsError(f"{out} exists and is not a folder; refusing to replace it")
         if not (out / CONFIG_NAME).is_file():
             raise FileExistsError(
                 f"{out} is not empty and has no {CONFIG_NAME}, so it does not look like a model "
                 "checkpoint; refusing to overwrite it (remove it yourself if you mean to)"
+            )
+        if not overwrite:
+            raise FileExistsError(
+                f"{out} already exists; pass --overwrite (overwrite=True in Python) to replace it"
             )
     parent = out.parent
     while not _exists(parent):
@@ -101,7 +101,14 @@ def staged_dir(
     try:
         tmp = staging / out.name
         tmp.mkdir()
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:
+            if e.filename is not None:
+                raise
+            if e.errno is None:
+                raise OSError(f"{e} (writing {out})") from e
+            raise OSError(e.errno, f"{e.strerror} (writing {out})") from e  # e.g. a full disk
         _usual_permissions(tmp)
         _replace(tmp, out, overwrite, sources, existed)
     finally:

@@ -329,6 +329,19 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     assert out.stat().st_mode & 0o777 == 0o755
 
 
+def test_a_writer_error_names_the_output(tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own error type; the CLI catches OSError."""
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(autoawq, "save_file", full_disk)
+    with pytest.raises(OSError, match=r"model.safetensors: .*No space left .*\(writing .*ckpt\)"):
+        save_checkpoint(tmp_path / "ckpt", _weights(2, 64, True), CONFIG)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_output_never_replaces_the_folder_it_copies_from(tmp_path):
     src = save_checkpoint(tmp_path / "ckpt", _weights(2, 64, True), CONFIG)
     with pytest.raises(ValueError, match="would replace the input"):

@@ -544,6 +544,19 @@ def test_save_refuses_what_the_format_cannot_hold(tmp_path, tokenizer_dir):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big"]
 
 
+def test_float16_overflow_is_found_before_quantizing(tokenizer_dir):
+    from awq_jax.checkpoint import check_saveable
+
+    model = _tiny_model("qwen2_bias", tokenizer_dir, dtype="bfloat16")
+    check_saveable(model)
+    emb = model.params["embed_tokens"]["embedding"]
+    params = {**model.params, "embed_tokens": {"embedding": emb.at[3, 4].set(1e30)}}
+    huge = model.replace(params=params)
+    with pytest.raises(ValueError, match="model.embed_tokens.weight: .* --save-dtype bfloat16"):
+        check_saveable(huge)
+    check_saveable(huge, dtype="bfloat16")
+
+
 def test_cli_quantize_output_and_overwrite(tmp_path, tokenizer_dir, capsys):
     from convert.cli import main
 

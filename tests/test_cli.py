@@ -160,10 +160,12 @@ def test_too_little_calibration_text(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_output_exists(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not a checkpoint")
+    for overwrite in ((), ("--overwrite",)):  # not a checkpoint: never replaced
+        r = awq_jax("quantize", "--method", "rtn", "--output", str(tmp_path), *overwrite)
+        assert_user_error(r, "refusing to overwrite")
+    (tmp_path / "config.json").write_text("{}")  # looks like one: --overwrite would do
     r = awq_jax("quantize", "--method", "rtn", "--output", str(tmp_path))
     assert_user_error(r, "already exists", "--overwrite")
-    r = awq_jax("quantize", "--method", "rtn", "--output", str(tmp_path), "--overwrite")
-    assert_user_error(r, "refusing to overwrite")
     assert (tmp_path / "notes.txt").read_text() == "not a checkpoint"
 
 
@@ -171,6 +173,8 @@ def test_options_without_effect_are_refused(tmp_path: Path) -> None:
     """Refused before anything is loaded, so these return at once."""
     r = awq_jax("eval", "--w-bit", "3", "--calib", "x.txt", timeout=60)
     assert_user_error(r, "--w-bit, --calib apply only with --compare")
+    r = awq_jax("eval", "--group-size=64", timeout=60)  # given, though equal to the default
+    assert_user_error(r, "--group-size applies only with --compare")
     out = str(tmp_path / "out")
     r = awq_jax("quantize", "--method", "rtn", "--n-samples", "4", "--output", out, timeout=60)
     assert_user_error(r, "--n-samples applies only to --method awq")

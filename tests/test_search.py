@@ -209,6 +209,13 @@ def test_already_quantized_and_bad_group_size_are_refused_before_any_work():
     match = f"group size 48 does not divide q_proj/k_proj/v_proj's input dimension {d}; choose 32"
     with pytest.raises(ValueError, match=match):
         quantize_model(model, dataclasses.replace(SETTINGS, group_size=48), method="awq")
+    with pytest.raises(ValueError, match="group size must be positive or -1"):
+        quantize_model(model, dataclasses.replace(SETTINGS, group_size=0), method="rtn")
+    n = GQA.max_position_embeddings
+    with pytest.raises(
+        ValueError, match=f"longer than the model's max_position_embeddings \\({n}\\)"
+    ):
+        quantize_model(model, SETTINGS, method="awq", calib={"seqlen": n + 1})
     rtn = quantize_model(model, SETTINGS, method="rtn")
     with pytest.raises(ValueError, match="already quantized \\(method rtn\\)"):
         quantize_model(rtn, SETTINGS, method="rtn")
