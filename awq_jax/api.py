@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from awq_jax.config import ModelConfig
 from awq_jax.generate import Sampling, generate
-from awq_jax.weights import load_params, read_config
+from awq_jax.weights import load_params, read_config, read_json
 
 __all__ = ["Model", "default_dtype", "generate_text", "load_model", "model_perplexity"]
 
@@ -87,18 +87,12 @@ def eos_ids(model: Model) -> list[int]:
         ids.add(int(model.tokenizer.eos_token_id))
     gen = model.path / "generation_config.json"
     if gen.is_file():
-        import json
-
-        try:
-            eos = json.loads(gen.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{gen} could not be parsed as JSON: {e}") from e
-        eos = eos.get("eos_token_id") if isinstance(eos, dict) else None
-        if isinstance(eos, int):
-            eos = [eos]
-        if not isinstance(eos, list | type(None)) or not all(isinstance(i, int) for i in eos or []):
+        body = read_json(gen)
+        eos = body.get("eos_token_id") if isinstance(body, dict) else None
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else eos
+        if not isinstance(eos, list) or not all(isinstance(i, int) for i in eos):
             raise ValueError(f"{gen}: eos_token_id must be an id or a list of ids, got {eos!r}")
-        ids.update(eos or [])
+        ids.update(eos)
     return sorted(ids)
 
 

@@ -229,17 +229,6 @@ def quant_settings_from_args(args) -> tuple[SearchSettings, dict[str, Any]]:
     ), dict(n_samples=args.n_samples, seqlen=args.seqlen, seed=args.seed, files=args.calib)
 
 
-def _linear_inputs(config: ModelConfig) -> dict[str, int]:
-    """Each quantized linear's input dimension (the one its groups divide)."""
-    attn = config.num_heads * config.head_dim
-    return {
-        "q_proj/k_proj/v_proj": config.hidden_size,
-        "o_proj": attn,
-        "gate_proj/up_proj": config.hidden_size,
-        "down_proj": config.intermediate_size,
-    }
-
-
 def check_quantizable(model, settings: SearchSettings) -> None:
     """What `quantize_model` would refuse, checked before any work (calibration, search).
 
@@ -257,17 +246,16 @@ def check_quantizable(model, settings: SearchSettings) -> None:
             "start from the float model it came from"
         )
     check_bits(settings.w_bit)
-    if settings.group_size != -1 and settings.group_size < 1:
-        raise ValueError(
-            f"group size must be positive or -1 (per channel), got {settings.group_size}"
-        )
-    if settings.group_size != -1:
-        dims = _linear_inputs(model.config)
-        for name, k in dims.items():
-            if settings.group_size <= 0 or k % settings.group_size:
+    g = settings.group_size
+    if g != -1:
+        if g < 1:
+            raise ValueError(f"group size must be positive or -1 (per channel), got {g}")
+        dims = {p: get_path(model.params["layers"], (*p, "kernel")).shape[-2] for p in LINEARS}
+        for path, k in dims.items():
+            if k % g:
                 raise ValueError(
-                    f"group size {settings.group_size} does not divide {name}'s input dimension "
-                    f"{k}; choose {group_size_hint(*dims.values())}"
+                    f"group size {g} does not divide {'/'.join(path)}'s input dimension {k}; "
+                    f"choose {group_size_hint(*dims.values())}"
                 )
     for path, leaf in jax.tree_util.tree_leaves_with_path(model.params):
         if jnp.issubdtype(leaf.dtype, jnp.inexact) and not jnp.all(jnp.isfinite(leaf)):

@@ -36,6 +36,7 @@ __all__ = [
     "params_from_hf",
     "params_to_hf",
     "read_config",
+    "read_json",
     "safetensors_files",
 ]
 
@@ -104,7 +105,7 @@ def hf_name_to_path(name: str) -> tuple[tuple[str, ...], int | None, bool] | Non
     return None
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     """The JSON value in ``path``; a `CheckpointError` naming the file if it is not JSON."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -125,7 +126,7 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"model directory not found: {model_dir}")
     if not path.is_file():
         raise CheckpointError(f"missing config.json in {model_dir}")
-    cfg = _read_json(path)
+    cfg = read_json(path)
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     ModelConfig.from_hf(cfg, source=path)
@@ -137,7 +138,7 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
     d = Path(model_dir)
     index = d / "model.safetensors.index.json"
     if index.is_file():
-        body = _read_json(index)
+        body = read_json(index)
         weight_map = body.get("weight_map") if isinstance(body, dict) else None
         if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

@@ -223,7 +223,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 def _cmd_quantize(args: argparse.Namespace) -> None:
     from awq_jax.api import load_model
     from awq_jax.checkpoint import check_saveable, save_quantized
-    from awq_jax.pipeline import check_quantizable, quant_settings_from_args, quantize_model
+    from awq_jax.pipeline import quant_settings_from_args, quantize_model
     from convert.outdir import check_destination
 
     # Everything that can be refused is refused before the work (loading, calibration, search).
@@ -237,9 +237,8 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     check_destination(args.output, args.overwrite, sources=sources)
     model = load_model(args.model, dtype=args.dtype)
     settings, calib = quant_settings_from_args(args)
-    check_quantizable(model, settings)
     check_saveable(model, dtype=args.save_dtype)
-    qmodel = quantize_model(model, settings, method=args.method, calib=calib)
+    qmodel = quantize_model(model, settings, method=args.method, calib=calib)  # checks first
     out = save_quantized(qmodel, args.output, overwrite=args.overwrite, dtype=args.save_dtype)
     print(f"wrote {out}")
 

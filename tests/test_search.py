@@ -206,7 +206,7 @@ def test_already_quantized_and_bad_group_size_are_refused_before_any_work():
     model = Model(GQA, params, tokenizer=None, path=None, hf_config={})
     # calib=None with method awq would need a tokenizer: the checks come first.
     d = GQA.hidden_size
-    match = f"group size 48 does not divide q_proj/k_proj/v_proj's input dimension {d}; choose 32"
+    match = f"group size 48 does not divide self_attn/q_proj's input dimension {d}; choose 32"
     with pytest.raises(ValueError, match=match):
         quantize_model(model, dataclasses.replace(SETTINGS, group_size=48), method="awq")
     with pytest.raises(ValueError, match="group size must be positive or -1"):
