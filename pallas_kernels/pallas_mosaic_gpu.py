@@ -189,7 +189,7 @@ def check_supported(m: int, w: Int4Weight, dtype: jnp.dtype, cfg: Config) -> Non
         raise NotImplementedError("; ".join(problems))
 
 
-def _dequant_wgmma(words, zm, dtype, raw: bool = False):
+def _dequant_wgmma(words, zm, dtype, ops: str = "full"):
     """u4_wgmma words ``[bn, 16] uint32`` (WGMMA_8BIT layout) -> ``[bn, 128]`` q - z.
 
     ``zm`` is ``magic + z`` per row (row layout). Per 32-bit word: for each of its 4
@@ -197,9 +197,14 @@ def _dequant_wgmma(words, zm, dtype, raw: bool = False):
     and one packed SUB of ``magic + z``, written straight into the wgmma A-operand
     registers (see layout.py for the order that makes this possible).
 
-    ``raw=True`` (a probe of the kernel's cost, stream_probe.py) moves each word into
-    the operand registers as it is: the same registers and wgmma, no dequantization.
+    ``ops`` other than "full" are probes of the kernel's cost (wrong products, timing
+    only): "raw" (stream_probe.py) moves each word into the operand registers as it is,
+    the same registers and wgmma with no dequantization; "nosub" leaves out the SUB of
+    the zero point (operands ``magic + q``), what taking the zero point out of the
+    dequantization could at most save (docs/benchmarks/decode-ab/ab_alu.py).
     """
+    if ops not in ("full", "nosub", "raw"):
+        raise ValueError(f"ops must be 'full', 'nosub' or 'raw', got {ops!r}")
     import jax.experimental.mosaic.gpu as mgpu
     from jax.experimental.mosaic.gpu import fragmented_array as fa
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
@@ -209,6 +214,14 @@ def _dequant_wgmma(words, zm, dtype, raw: bool = False):
     bits, _ = _MAGIC[jnp.dtype(dtype)]
     ty = "bf16" if jnp.dtype(dtype) == jnp.bfloat16 else "f16"
     bn = words.shape[0]
+    lop = f"lop3.b32 t, t, 0x000F000F, {hex(bits << 16 | bits)}, 0xEA;\n"
+    asm = [  # pair p of a word: its nibbles p and p + 4 -> two floats q - z
+        "mov.b32 $0, $1;"
+        if ops == "raw"
+        else f"{{ .reg .b32 t;\nshr.b32 t, $1, {4 * p};\n{lop}"
+        + ("mov.b32 $0, t; }" if ops == "nosub" else f"sub.{ty}x2 $0, t, $2; }}")
+        for p in range(4)
+    ]
 
     @plgpu.inline_mgpu(
         arg_types=(plgpu.Layout.WGMMA_8BIT, plgpu.Layout.WGMMA.reduce(1)),
@@ -228,17 +241,7 @@ def _dequant_wgmma(words, zm, dtype, raw: bool = False):
                 for v in range(4):
                     word = vector.extract(wvec, [], [v])
                     for p in range(4):
-                        res = llvm.inline_asm(
-                            i32,
-                            [word, z2],
-                            "mov.b32 $0, $1;"
-                            if raw
-                            else "{ .reg .b32 t;\n"
-                            f"shr.b32 t, $1, {4 * p};\n"
-                            f"lop3.b32 t, t, 0x000F000F, {hex(bits << 16 | bits)}, 0xEA;\n"
-                            f"sub.{ty}x2 $0, t, $2; }}",
-                            "=r,r,r",
-                        )
+                        res = llvm.inline_asm(i32, [word, z2], asm[p], "=r,r,r")
                         reg = mgpu_utils.bitcast(res, ir.VectorType.get((2,), el))
                         out[tile, 4 * v + p, 0, 0, h, 0, 0, 0, 0] = reg
         return mgpu.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)

@@ -103,7 +103,7 @@ def _probe_kernel(*refs, p: Probe, steps: int, g: int):
             def step_chain(acc_ref):
                 for c in range(bk // WGMMA_CHUNK):
                     words = w_tile[:, c * WGMMA_CHUNK // 8 : (c + 1) * WGMMA_CHUNK // 8]
-                    wq = _dequant_wgmma(words, zm, jnp.bfloat16, raw=True)
+                    wq = _dequant_wgmma(words, zm, jnp.bfloat16, ops="raw")
                     for j in range(WGMMA_CHUNK // 64):
                         b = x_smem.at[:, pl.ds(c * WGMMA_CHUNK + j * 64, 64)].T
                         plgpu.wgmma(acc_ref, wq[:, 64 * j : 64 * j + 64], b)
@@ -117,14 +117,14 @@ def _probe_kernel(*refs, p: Probe, steps: int, g: int):
                 else:  # the raw words of the group in the operand registers (g = 128)
                     zm = plgpu.load(z_smem.at[gi], layout=row).astype(jnp.bfloat16)
                     words = w_tile[:, gi * g // 8 : (gi * g + WGMMA_CHUNK) // 8]
-                    wq = _dequant_wgmma(words, zm, jnp.bfloat16, raw=True)
+                    wq = _dequant_wgmma(words, zm, jnp.bfloat16, ops="raw")
                 for j in range(g // 8):
                     carry = carry + wq[:, 8 * j : 8 * j + 8]
                 continue
             # "mma": the kernel's wgmma chain, per-group wait and scale, on raw words
             words = w_tile[:, gi * g // 8 : (gi * g + WGMMA_CHUNK) // 8]
             zm = plgpu.load(z_smem.at[gi], layout=row).astype(jnp.bfloat16)
-            wq = _dequant_wgmma(words, zm, jnp.bfloat16, raw=True)
+            wq = _dequant_wgmma(words, zm, jnp.bfloat16, ops="raw")
 
             def chain(acc_ref, gi=gi, wq=wq):
                 for j in range(g // 64):

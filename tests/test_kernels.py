@@ -588,6 +588,12 @@ class TestLayoutAndApi:
                 group_size=gs,
             )
 
+    def test_dequant_probe_ops_are_named(self) -> None:
+        """The decode kernel's dequantization probes (ab_alu.py, stream_probe.py) refuse
+        an unknown name before building anything."""
+        with pytest.raises(ValueError, match="ops must be"):
+            pallas_mosaic_gpu._dequant_wgmma(None, None, jnp.bfloat16, ops="nozero")
+
     @pytest.mark.parametrize("fmt", layout.FORMATS)
     def test_leading_dims_jit_and_pytree(self, fmt: str) -> None:
         # On the H200 the XLA path once gave rel_err 0.50 here for s4, most likely XLA
