@@ -11,7 +11,7 @@ group 128 (AWQ changes the values, not the shapes or the speed). Implementations
 ``xla_int4`` (the same int4 weights, dequantized by XLA then ``jnp.dot``: what a JAX user gets
 without custom kernels), ``int4_noprefetch`` (``int4`` without the cross-kernel L2 prefetch of
 the next linear's weight: the A/B of that mechanism; the same as ``int4`` on a part whose
-`tuning.DECODE` entry prefetches nothing, the H200).
+`tuning.DECODE` entry prefetches nothing: the H200, and the H100 since run 92).
 
 Timing: wall clock around a whole jitted call after a warm-up call (each call runs thousands of
 kernels, so dispatch overhead is negligible), median of ``repeats``. Prefill is timed alone;

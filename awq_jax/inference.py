@@ -15,8 +15,10 @@
   layer's weights and rewrites the stacked cache on every decode step, which costs a large
   share of the memory bandwidth that decoding is bound by;
 - each `Int4Linear` of that list points at the weight of the linear that runs after it
-  (``prefetch``; the same arrays, no copy): at decode its kernel prefetches that weight
-  into the L2, so the bytes move while attention and the norms leave the memory idle.
+  (``prefetch``; the same arrays, no copy): at decode its kernel may prefetch that weight
+  into the L2, so the bytes move while attention and the norms leave the memory idle
+  (how much is the part's `pallas_kernels.tuning.DECODE` choice: none on the H100 and
+  the H200 since run 92).
 
 The model function is unchanged: only leaves and names of the params pytree differ.
 """

@@ -78,8 +78,8 @@ def _run(
         device = _device_kind()
         cfg = tuning.mosaic_config(device, m, w.k, w.n, w.group_size)
         pf = {}
-        # How much of the next weight to prefetch into the L2 is the part's choice (the
-        # H100 12 MB, the H200 none: `tuning.DECODE`).
+        # How much of the next weight to prefetch into the L2 is the part's choice
+        # (`tuning.DECODE`: none on the H100 and the H200 since run 92).
         pf_bytes = tuning.decode_choices(device).prefetch_bytes
         if prefetch is not None and pf_bytes > 0:
             nxt = tuning.mosaic_config(device, m, prefetch.k, prefetch.n, prefetch.group_size)
@@ -140,8 +140,8 @@ def int4_matmul(
         prefetch up to the part's ``tuning.decode_choices(...).prefetch_bytes`` of it
         into the L2 as they finish (TMA prefetches: no result changes), so its bytes
         move while the small kernels between the two matmuls (attention, norms) leave
-        the memory idle (the H200 prefetches nothing: its small kernels lose more than
-        its matmuls gain). Other backends ignore it.
+        the memory idle. Off on the H100 and the H200 (`tuning.DECODE`, runs 76 and 92:
+        the small kernels lose more than the matmuls gain). Other backends ignore it.
     """
     if x.shape[-1] != w.k:
         raise ValueError(f"x has K={x.shape[-1]}, weight has K={w.k}")

@@ -158,15 +158,17 @@ class DecodeChoices:
       25% slower there on the H100, run 73, and tie with 256 on the H200, run 86.)
     """
 
-    prefetch_bytes: int = 12 << 20
+    prefetch_bytes: int = 0
     large_block_k: int = 256
 
 
-# H100: runs 53-58 (12 MB prefetch +1.3-1.7% tokens/s at batch 1) and 8-16 (steps of 256).
+# H100: steps of 256 rows (runs 8-16, 73: 512 lost on gate_up); no prefetch since run 92
+# (batch-1 generate, in-model A/B: the 12 MB prefetch of runs 53-58, +1.3-1.7% then,
+# 395.0 / 392.7 tok/s against 402.9 without it, and 400.2 with the H200's choices).
 # H200, run 76 (batch-1 generate of the 8B-shaped model, in-model A/B, 440.3 tok/s as the
-# H100 chose): no prefetch 450.2 (12 MB costs the small kernels between the matmuls more
-# than it saves), steps of 512 rows for gate_up / down_proj 454.9 (kernel alone at M = 1,
-# run 75: 21.7 against 22.4 us and 13.2 against 13.7, 2 deep; qkv and o_proj slower).
+# H100 then chose): no prefetch 450.2 (12 MB costs the small kernels between the matmuls
+# more than it saves), steps of 512 rows for gate_up / down_proj 454.9 (kernel alone at
+# M = 1, run 75: 21.7 against 22.4 us and 13.2 against 13.7, 2 deep; qkv and o_proj slower).
 DECODE: dict[str, DecodeChoices] = {
     "H100": DecodeChoices(),
     "H200": DecodeChoices(prefetch_bytes=0, large_block_k=512),
