@@ -48,7 +48,10 @@ __all__ = [
 ]
 
 Params = dict[str, Any]
-KVCache = tuple  # (k, v) of [L, B, S, K, H] (stacked), or per layer (k, v) of [B, S, K, H]
+# (k, v, counter): k and v of [L, B, S, K, H] and counter [L, B, K] int32 (stacked), or per
+# layer k, v of [B, S, K, H] and counter [B, K]. The counter (zeros between steps) is where
+# the decode-attention kernel's splits count their arrivals (`pallas_kernels.attention`).
+KVCache = tuple
 
 
 class RMSNorm(nn.Module):
@@ -220,17 +223,20 @@ class Attention(nn.Module):
         if decode:
             # A decode step: the cache write and the attention over the cache are one
             # kernel on GPU (`pallas_kernels.decode_attention_update`).
-            out_bnh, k_bskh, v_bskh = decode_attention_update(
+            k_cache, v_cache, counter = cache
+            out_bnh, *cache = decode_attention_update(
                 q_btnh[:, 0],
                 k_btkh[:, 0],
                 v_btkh[:, 0],
-                *cache,
+                k_cache,
+                v_cache,
                 cache_index,
                 mask_bts[:, 0],
                 scale=h**-0.5,
+                counter=counter,
             )
             out_btd = out_bnh.reshape(b, 1, nq * h)
-            cache = (k_bskh, v_bskh)
+            cache = tuple(cache)
         else:
             out_btd, cache = _attend_prompt(
                 q_btnh, k_btkh, v_btkh, mask_bts, cache, cache_index, c.q_per_kv
@@ -251,18 +257,21 @@ def _decode_step_qkv(
     ``[S, B, 1, (N + 2K) * H]``: ``[B, 1, N * H]`` and the cache with the step's (roped) key
     and value written."""
     b = qkv.shape[1]
-    out_bnh, k_bskh, v_bskh = decode_attention_update_qkv(
+    k_cache, v_cache, counter = cache
+    out_bnh, *cache = decode_attention_update_qkv(
         qkv.reshape(qkv.shape[0], b, -1),  # free: T = 1
         cos_bth[:, 0],
         sin_bth[:, 0],
-        *cache,
+        k_cache,
+        v_cache,
         cache_index,
         mask_bts[:, 0],
         num_heads=c.num_heads,
         num_kv_heads=c.num_kv_heads,
         scale=c.head_dim**-0.5,
+        counter=counter,
     )
-    return out_bnh.reshape(b, 1, -1), (k_bskh, v_bskh)
+    return out_bnh.reshape(b, 1, -1), tuple(cache)
 
 
 def _attend_prompt(
@@ -278,11 +287,11 @@ def _attend_prompt(
     ``[B, T, N * H]`` and the cache with the T keys and values written at ``cache_index``."""
     b, t, nk, h = k_btkh.shape
     if cache is not None:
-        k_cache, v_cache = cache
+        k_cache, v_cache, counter = cache
         start = (0, cache_index, 0, 0)
         k_bskh = jax.lax.dynamic_update_slice(k_cache, k_btkh.astype(k_cache.dtype), start)
         v_bskh = jax.lax.dynamic_update_slice(v_cache, v_btkh.astype(v_cache.dtype), start)
-        cache = (k_bskh, v_bskh)
+        cache = (k_bskh, v_bskh, counter)
     else:
         k_bskh, v_bskh = k_btkh, v_btkh
 
@@ -438,17 +447,26 @@ class Transformer(nn.Module):
 
 
 def init_cache(config: ModelConfig, params: Params, batch: int, max_len: int):
-    """A zero KV cache in the params' dtype, in the layout the params use.
+    """A zero KV cache in the params' dtype, in the layout the params use (`KVCache`).
 
-    Stacked params (``params["layers"]`` a dict, scanned): ``(k, v)`` of ``[L, B, S, K, H]``.
-    Unstacked inference params (a list of layers): a tuple of per-layer ``(k, v)``.
+    Stacked params (``params["layers"]`` a dict, scanned): ``(k, v, counter)`` of
+    ``[L, B, S, K, H]`` and ``[L, B, K]``. Unstacked inference params (a list of layers): a
+    tuple of per-layer ``(k, v, counter)``. The int32 counters stay zero between steps.
     """
     dtype = params["embed_tokens"]["embedding"].dtype
     shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    counts = (batch, config.num_kv_heads)
     if isinstance(params["layers"], list | tuple):
-        return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in params["layers"])
-    stacked = (config.num_layers, *shape)
-    return (jnp.zeros(stacked, dtype), jnp.zeros(stacked, dtype))
+        return tuple(
+            (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros(counts, jnp.int32))
+            for _ in params["layers"]
+        )
+    lead = (config.num_layers,)
+    return (
+        jnp.zeros(lead + shape, dtype),
+        jnp.zeros(lead + shape, dtype),
+        jnp.zeros(lead + counts, jnp.int32),
+    )
 
 
 def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> Params:

@@ -17,7 +17,7 @@ causality, left padding and a sliding window into it).
 Why a kernel: XLA runs batch-1 decode attention as ~8 kernels per layer (QK^T and PV as
 two cuBLAS GEMMs, softmax reductions and converts between them, one dynamic_update_slice
 fusion per cache), each costing 1.3-2.6 us whatever its size
-(docs/benchmarks/decode-profile-h100.md). This is one launch, two with a split of S.
+(docs/benchmarks/decode-profile-h100.md). This is one launch, with or without a split of S.
 
 Why not jax's ``pallas.ops.gpu.decode_attention.gqa``: it wants the cache as
 ``[B, K, S, H]``, a transpose of ours (a full copy of every layer's cache per decode
@@ -32,9 +32,16 @@ and keeps an online softmax in f32: scores ``q k^T * scale``, exponentials relat
 the running maximum, P rounded to the cache dtype for the PV dot (as flash attention
 does). Masked keys are never read: the caller's mask is the load mask, so cache slots
 not written yet and keys outside a sliding window cost no bandwidth. With one split the
-program writes the normalized output; with several, f32 partials (unnormalized sum,
-maximum, denominator) that a second kernel, grid ``(B, K)``, combines. S need not be a
-multiple of anything: the tail block is a masked load.
+program writes the normalized output; with several, each writes f32 partials
+(unnormalized sum, maximum, denominator) and counts itself in an int32 counter of its
+(sequence, kv head) with an atomic add (acquire-release, GPU scope, after a CTA barrier
+so that all its warps' stores come first); the program that arrives last, whichever
+split it is, merges the splits in order and sets the counter back to zero, so the
+result does not depend on which one that is. Until run 93 a second kernel, grid
+``(B, K)``, did that merge: ~1.8 us a layer on the H100. The counters are the caller's
+(``counter=``; the model keeps them beside the KV cache, `awq_jax.model.init_cache`),
+else a fresh zero array per call. S need not be a multiple of anything: the tail block is
+a masked load.
 
 A row with no valid key gives zeros (the XLA path, which masks with ``finfo.min``,
 would average all values uniformly). The model never asks for one: a decode query
@@ -113,7 +120,7 @@ class Config:
     """Launch parameters of the decode-attention kernel.
 
     block_s: keys per loop step (a power of 2 >= 16).
-    splits: programs along S per (sequence, kv head); > 1 adds the combine kernel.
+    splits: programs along S per (sequence, kv head); > 1: the last to finish merges them.
       Rounded down where the last splits would get no key.
     """
 
@@ -163,6 +170,13 @@ def _check_shapes(q_bnh, k_bskh, v_bskh, valid_bs) -> tuple[int, int, int, int, 
     if valid_bs.shape != (b, s):
         raise ValueError(f"valid must be [B, S] = {(b, s)}; got {valid_bs.shape}")
     return b, s, kh, n // kh, h
+
+
+def _check_counter(counter: jax.Array | None, b: int, kh: int) -> None:
+    if counter is not None and (counter.shape != (b, kh) or counter.dtype != jnp.int32):
+        raise ValueError(
+            f"counter must be [B, K] = {(b, kh)} int32 (zeros); got {counter.shape} {counter.dtype}"
+        )
 
 
 # ----------------------------------------------------------------------------- reference
@@ -285,6 +299,7 @@ def _attention_kernel(
     scale: float,
     cfg: Config,
     source: str,
+    interpret: bool,
 ):
     """One (sequence, kv head, split): online softmax over ``keys_per_split`` keys.
 
@@ -296,6 +311,8 @@ def _attention_kernel(
     the new key are roped here.
     """
     b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    if cfg.splits > 1:  # the counters' input; the kernel uses their (aliased) output
+        _, *refs = refs
     kv_heads = k_ref.shape[2]
     rows = pl.ds(0, block_g)
     row_ok = jnp.arange(block_g) < g
@@ -376,38 +393,49 @@ def _attention_kernel(
         (o_ref,) = out_refs
         out = acc / jnp.where(l > 0, l, 1.0)[:, None]
         pltriton.store(o_ref.at[b, kh, rows, :], out.astype(o_ref.dtype), mask=row_ok[:, None])
-    else:
-        o_ref, m_out_ref, l_out_ref = out_refs
-        pltriton.store(o_ref.at[b, kh, split, rows, :], acc, mask=row_ok[:, None])
-        pltriton.store(m_out_ref.at[b, kh, split, rows], m, mask=row_ok)
-        pltriton.store(l_out_ref.at[b, kh, split, rows], l, mask=row_ok)
+        return
+    o_ref, m_out_ref, l_out_ref, out_ref, count_ref = out_refs
+    pltriton.store(o_ref.at[b, kh, split, rows, :], acc, mask=row_ok[:, None])
+    pltriton.store(m_out_ref.at[b, kh, split, rows], m, mask=row_ok)
+    pltriton.store(l_out_ref.at[b, kh, split, rows], l, mask=row_ok)
+    # Every warp's partial stores precede this program's arrival, which releases them at
+    # GPU scope; the program that arrives last (whichever split it is) acquires all the
+    # others', merges the splits in order 0..splits-1 and sets the counter back to zero.
+    if not interpret:  # (the interpreter runs one program at a time and has no barrier)
+        pltriton.debug_barrier()
+    arrived = pltriton.atomic_add(count_ref, (b, kh), jnp.array(1, jnp.int32))
+
+    @pl.when(arrived == cfg.splits - 1)
+    def _():
+        out = _merge_splits(o_ref, m_out_ref, l_out_ref, b, kh, row_ok, cfg.splits)
+        pltriton.store(out_ref.at[b, kh, rows, :], out.astype(out_ref.dtype), mask=row_ok[:, None])
+        pltriton.store(count_ref.at[b, kh], jnp.int32(0))
 
 
-def _combine_kernel(o_ref, m_ref, l_ref, out_ref, *, g: int, block_g: int, splits: int):
-    """One (sequence, kv head): the splits' partials merged by their maxima."""
-    b, kh = pl.program_id(0), pl.program_id(1)
+def _merge_splits(o_ref, m_ref, l_ref, b, kh, row_ok, splits: int) -> jax.Array:
+    """``[block_g, H]`` f32: the splits' partials of (sequence, kv head) merged by their
+    maxima, in split order. The loads bypass the L1 (other programs wrote them)."""
+    block_g, h = row_ok.shape[0], o_ref.shape[-1]
     rows = pl.ds(0, block_g)
-    row_ok = jnp.arange(block_g) < g
 
     def body(j, carry):
         acc, m, l = carry
-        m_j = pltriton.load(m_ref.at[b, kh, j, rows], mask=row_ok, other=-jnp.inf)
-        l_j = pltriton.load(l_ref.at[b, kh, j, rows], mask=row_ok, other=0)
-        o_j = pltriton.load(o_ref.at[b, kh, j, rows, :], mask=row_ok[:, None], other=0)
+        load = functools.partial(pltriton.load, volatile=True)
+        m_j = load(m_ref.at[b, kh, j, rows], mask=row_ok, other=-jnp.inf)
+        l_j = load(l_ref.at[b, kh, j, rows], mask=row_ok, other=0)
+        o_j = load(o_ref.at[b, kh, j, rows, :], mask=row_ok[:, None], other=0)
         m_new = jnp.maximum(m, m_j)
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         a, c = jnp.exp(m - m_safe), jnp.exp(m_j - m_safe)
         return a[:, None] * acc + c[:, None] * o_j, m_new, a * l + c * l_j
 
-    h = out_ref.shape[-1]
     init = (
         jnp.zeros((block_g, h), jnp.float32),
         jnp.full((block_g,), -jnp.inf, jnp.float32),
         jnp.zeros((block_g,), jnp.float32),
     )
     acc, _, l = jax.lax.fori_loop(0, splits, body, init)
-    out = acc / jnp.where(l > 0, l, 1.0)[:, None]
-    pltriton.store(out_ref.at[b, kh, rows, :], out.astype(out_ref.dtype), mask=row_ok[:, None])
+    return acc / jnp.where(l > 0, l, 1.0)[:, None]
 
 
 def _block_bytes(cfg: Config, h: int, itemsize: int) -> int:
@@ -466,16 +494,19 @@ def _decode_attention_triton(
     v_bskh: jax.Array,
     valid_bs: jax.Array,
     step: tuple[jax.Array, jax.Array, jax.Array] | None,
+    counter: jax.Array | None,
     *,
     source: str,
     scale: float,
     config: Config | None,
     interpret: bool,
 ):
-    """The kernel(s), shapes checked by the caller. ``source`` as `_attention_kernel`:
+    """The kernel, shapes checked by the caller. ``source`` as `_attention_kernel`:
     "attend" (``q_src`` = q ``[B, N, H]``, ``step`` None), "update" (``step = (k_new_bkh,
     v_new_bkh, index)``) or "qkv" (``q_src`` = the projection ``[[P,] B, (N + 2K) * H]``,
-    ``step = (cos_bh, sin_bh, index)``); the last two also write the caches."""
+    ``step = (cos_bh, sin_bh, index)``); the last two also write the caches. ``counter``:
+    the splits' arrival counters ``[B, K]`` int32, all zero (None: a fresh zero array).
+    Returns ``(out_bnh, counter, *caches)``."""
     b, s, kh, h = k_bskh.shape
     if source == "qkv":
         q_src = q_src.reshape(*q_src.shape[:-1], -1, h)  # a bitcast: [[P,] B, heads, H]
@@ -490,19 +521,26 @@ def _decode_attention_triton(
     operands = [q_src, k_bskh, v_bskh, valid_bs]
     out_shape = []
     aliases = {}
+    if counter is None:
+        counter = jnp.zeros((b, kh), jnp.int32)
+    if splits > 1:  # the kernel's first operand after these
+        operands.append(counter)
     if step is not None:
         *step_rows, index = step
         operands += [*step_rows, jnp.asarray(index, jnp.int32).reshape(1)]
         out_shape += [jax.ShapeDtypeStruct(k_bskh.shape, k_bskh.dtype)] * 2
-        aliases = {1: 0, 2: 1}  # k, v caches: read and written in place
+        aliases |= {1: 0, 2: 1}  # k, v caches: read and written in place
     if splits == 1:
         out_shape.append(jax.ShapeDtypeStruct((b, kh, g, h), q.dtype))
-    else:
+    else:  # the splits' f32 partials (scratch), the output, the counters (in place)
         out_shape += [
             jax.ShapeDtypeStruct((b, kh, splits, g, h), jnp.float32),
             jax.ShapeDtypeStruct((b, kh, splits, g), jnp.float32),
             jax.ShapeDtypeStruct((b, kh, splits, g), jnp.float32),
+            jax.ShapeDtypeStruct((b, kh, g, h), q.dtype),
+            jax.ShapeDtypeStruct(counter.shape, counter.dtype),
         ]
+        aliases[4] = len(out_shape) - 1  # the counters: read and written in place
     kernel = functools.partial(
         _attention_kernel,
         g=g,
@@ -512,6 +550,7 @@ def _decode_attention_triton(
         scale=scale,
         cfg=cfg,
         source=source,
+        interpret=interpret,
     )
     whole = pl.BlockSpec(memory_space=pl.ANY)
     outs = pl.pallas_call(
@@ -525,22 +564,12 @@ def _decode_attention_triton(
         interpret=interpret,
         name="decode_attention",
     )(*operands)
-    caches, outs = outs[: len(aliases)], outs[len(aliases) :]
+    caches = outs[:2] if step is not None else []
     if splits == 1:
-        out_bkgh = outs[0]
+        out_bkgh = outs[-1]
     else:
-        out_bkgh = pl.pallas_call(
-            functools.partial(_combine_kernel, g=g, block_g=block_g, splits=splits),
-            grid=(b, kh),
-            in_specs=[whole] * 3,
-            out_specs=whole,
-            out_shape=jax.ShapeDtypeStruct((b, kh, g, h), q.dtype),
-            compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
-            interpret=interpret,
-            name="decode_attention_combine",
-        )(*outs)
-    out_bnh = out_bkgh.reshape(b, kh * g, h)
-    return (out_bnh, *caches) if step is not None else out_bnh
+        *_, out_bkgh, counter = outs
+    return (out_bkgh.reshape(b, kh * g, h), counter, *caches)
 
 
 # ----------------------------------------------------------------------------- public
@@ -577,7 +606,9 @@ def decode_attention(
         implementation,
         {
             "xla": lambda: decode_attention_reference(q_bnh, k_bskh, v_bskh, valid_bs, scale=scale),
-            "triton": lambda: kernel(q_bnh, k_bskh, v_bskh, valid_bs, None, source="attend"),
+            "triton": lambda: kernel(q_bnh, k_bskh, v_bskh, valid_bs, None, None, source="attend")[
+                0
+            ],
         },
     )
 
@@ -592,19 +623,26 @@ def decode_attention_update(
     valid_bs: jax.Array,
     *,
     scale: float,
+    counter: jax.Array | None = None,
     implementation: str | None = None,
     config: Config | None = None,
     interpret: bool = False,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, ...]:
     """Writes the step's key and value rows ``[B, K, H]`` at cache position ``index``
     (a scalar, clamped into ``[0, S)`` like ``lax.dynamic_update_slice``) and attends
     over the updated cache's valid keys at positions ``<= index`` (causal: the kernel
-    reads no block past the step's own); returns ``(out [B, N, H], k cache, v cache)``.
+    reads no block past the step's own); returns ``(out [B, N, H], k cache, v cache)``,
+    and ``counter`` after them where one is given.
 
     The kernel updates the caches in place (no copy where XLA can donate their buffers,
-    as in the decode loop). Other arguments as for :func:`decode_attention`.
+    as in the decode loop). ``counter``: ``[B, K]`` int32 zeros that the kernel's splits
+    count their arrivals in (the last merges them) and leave zero, updated in place like
+    the caches: kept beside them (`awq_jax.model.init_cache`), it costs nothing; without
+    one the kernel gets a fresh zero array (a memset). Other arguments as for
+    :func:`decode_attention`.
     """
     _check_shapes(q_bnh, k_bskh, v_bskh, valid_bs)
+    _check_counter(counter, k_bskh.shape[0], k_bskh.shape[2])
     kv_shape = (k_bskh.shape[0], *k_bskh.shape[2:])
     if k_new_bkh.shape != kv_shape or v_new_bkh.shape != kv_shape:
         raise ValueError(
@@ -615,15 +653,34 @@ def decode_attention_update(
         _decode_attention_triton, scale=scale, config=config, interpret=interpret
     )
     step = (k_new_bkh.astype(k_bskh.dtype), v_new_bkh.astype(v_bskh.dtype), index)
-    return api.dispatch(
-        implementation,
-        {
-            "xla": lambda: decode_attention_update_reference(
-                q_bnh, k_new_bkh, v_new_bkh, k_bskh, v_bskh, index, valid_bs, scale=scale
-            ),
-            "triton": lambda: kernel(q_bnh, k_bskh, v_bskh, valid_bs, step, source="update"),
-        },
+    return _with_counter(
+        api.dispatch(
+            implementation,
+            {
+                "xla": lambda: (
+                    *decode_attention_update_reference(
+                        q_bnh, k_new_bkh, v_new_bkh, k_bskh, v_bskh, index, valid_bs, scale=scale
+                    ),
+                    counter,
+                ),
+                "triton": lambda: _reorder(
+                    kernel(q_bnh, k_bskh, v_bskh, valid_bs, step, counter, source="update")
+                ),
+            },
+        ),
+        counter,
     )
+
+
+def _reorder(outs: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    """The kernel's ``(out, counter, k, v)`` as ``(out, k, v, counter)``."""
+    out, counter, k, v = outs
+    return out, k, v, counter
+
+
+def _with_counter(outs: tuple[jax.Array, ...], counter: jax.Array | None) -> tuple[jax.Array, ...]:
+    """``(out, k, v, counter)``, or ``(out, k, v)`` where the caller gave no counter."""
+    return outs if counter is not None else outs[:3]
 
 
 def decode_attention_update_qkv(
@@ -638,10 +695,11 @@ def decode_attention_update_qkv(
     num_heads: int,
     num_kv_heads: int,
     scale: float,
+    counter: jax.Array | None = None,
     implementation: str | None = None,
     config: Config | None = None,
     interpret: bool = False,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, ...]:
     """:func:`decode_attention_update` fed by the fused q/k/v projection: the split into
     heads and RoPE happen in the kernel (`split_qkv_heads` is the same in jnp).
 
@@ -671,6 +729,7 @@ def decode_attention_update_qkv(
         raise ValueError(f"sin must be cos's shape {cos_bh.shape}, H even; got {sin_bh.shape}")
     q_shape = jax.ShapeDtypeStruct((b, num_heads, h), qkv_bf.dtype)
     _check_shapes(q_shape, k_bskh, v_bskh, valid_bs)
+    _check_counter(counter, b, kh)
     kernel = functools.partial(
         _decode_attention_triton, scale=scale, config=config, interpret=interpret
     )
@@ -681,14 +740,20 @@ def decode_attention_update_qkv(
         q_bnh, k_new_bkh, v_new_bkh = split_qkv_heads(
             qkv, cos_bh, sin_bh, num_heads=num_heads, num_kv_heads=num_kv_heads
         )
-        return decode_attention_update_reference(
+        out = decode_attention_update_reference(
             q_bnh, k_new_bkh, v_new_bkh, k_bskh, v_bskh, index, valid_bs, scale=scale
         )
+        return (*out, counter)
 
-    return api.dispatch(
-        implementation,
-        {
-            "xla": reference,
-            "triton": lambda: kernel(qkv_bf, k_bskh, v_bskh, valid_bs, step, source="qkv"),
-        },
+    return _with_counter(
+        api.dispatch(
+            implementation,
+            {
+                "xla": reference,
+                "triton": lambda: _reorder(
+                    kernel(qkv_bf, k_bskh, v_bskh, valid_bs, step, counter, source="qkv")
+                ),
+            },
+        ),
+        counter,
     )

@@ -311,6 +311,34 @@ class TestAttentionEdges:
             np.testing.assert_allclose(f32(out), f32(want), rtol=1e-5, atol=1e-6)
             np.testing.assert_array_equal(f32(k2), f32(k1))
 
+    def test_split_counters_come_back_zero(self) -> None:
+        """With splits, the programs count their arrivals in ``counter`` (the last merges
+        the splits) and leave it zero, so the same counter serves every step; the result
+        is the one without a counter (a fresh zero array) and the reference's. A counter
+        of the wrong shape or dtype is refused."""
+        q, k, v, k_new, v_new = random_problem(4, 2, 50, 3, 2, 16, jnp.float32)
+        valid = jnp.ones((2, 50), bool)
+        want = decode_attention_update(q, k_new, v_new, k, v, 40, valid, scale=0.25)
+        counter = jnp.zeros((2, 3), jnp.int32)
+        kw = dict(scale=0.25, implementation="triton", interpret=True)
+        for splits in (1, 3, 4):
+            cfg = Config(block_s=16, splits=splits)
+            plain = decode_attention_update(q, k_new, v_new, k, v, 40, valid, config=cfg, **kw)
+            out, k2, v2, counter = decode_attention_update(
+                q, k_new, v_new, k, v, 40, valid, config=cfg, counter=counter, **kw
+            )
+            np.testing.assert_array_equal(counter, np.zeros((2, 3), np.int32))
+            for got, ref in zip((out, k2, v2), plain, strict=True):
+                np.testing.assert_array_equal(got, ref)
+            np.testing.assert_allclose(out, want[0], rtol=1e-5, atol=1e-6)
+        ref = decode_attention_update(
+            q, k_new, v_new, k, v, 40, valid, scale=0.25, counter=counter, implementation="xla"
+        )
+        assert len(ref) == 4 and ref[3] is counter
+        for bad in (jnp.zeros((2, 2), jnp.int32), jnp.zeros((2, 3), jnp.float32)):
+            with pytest.raises(ValueError, match="counter must be"):
+                decode_attention_update(q, k_new, v_new, k, v, 40, valid, scale=0.25, counter=bad)
+
     def test_row_without_keys_is_zero(self) -> None:
         q, k, v, _, _ = random_problem(0, 2, 20, 2, 2, 16, jnp.float32)
         valid = decode_mask(2, 20, 9).at[1].set(False)
@@ -501,14 +529,18 @@ def test_kernels_lower_for_the_gpu() -> None:
     b, s, kh, g, h, bf16 = 2, 1000, 8, 4, 128, jnp.bfloat16
     q, kv, new = sds((b, kh * g, h), bf16), sds((b, s, kh, h), bf16), sds((b, kh, h), bf16)
     valid, index = sds((b, s), jnp.bool_), sds((), jnp.int32)
+    counter = sds((b, kh), jnp.int32)
+    # One kernel with splits or without (the last split to arrive merges them); the caches
+    # and the splits' counters are written in place.
     for cfg in (Config(splits=1), Config(block_s=32, splits=4)):
         kw = dict(scale=h**-0.5, implementation="triton", config=cfg)
         fn = jax.jit(functools.partial(decode_attention_update, **kw))
         with jax.sharding.use_abstract_mesh(mesh):
-            text = fn.trace(q, new, new, kv, kv, index, valid).lower(lowering_platforms=("cuda",))
-            text = text.as_text()
-        assert text.count("__gpu$xla.gpu.triton") == (1 if cfg.splits == 1 else 2)
-        assert "output_operand_alias" in text  # the caches are written in place
+            text = fn.trace(q, new, new, kv, kv, index, valid, counter=counter)
+            text = text.lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 1
+        aliased = len(re.findall(r"output_operand_alias<output_tuple_indices = \[(\d+)\]", text))
+        assert aliased == (2 if cfg.splits == 1 else 3), text
     # The qkv variant: the kernels and bitcasts only (no XLA slice or RoPE fusion left).
     # Also fed f32 split-K partials [P, B, F]: no XLA sum left either.
     for hd, cfg, parts in (
@@ -523,9 +555,9 @@ def test_kernels_lower_for_the_gpu() -> None:
         cos = sds((b, hd), jnp.float32)
         kv = sds((b, s, kh, hd), bf16)
         with jax.sharding.use_abstract_mesh(mesh):
-            text = fn.trace(qkv, cos, cos, kv, kv, index, valid).lower(lowering_platforms=("cuda",))
-            text = text.as_text()
-        assert text.count("__gpu$xla.gpu.triton") == (1 if cfg.splits == 1 else 2)
+            text = fn.trace(qkv, cos, cos, kv, kv, index, valid, counter=counter)
+            text = text.lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 1
         assert "output_operand_alias" in text
         ops = set(re.findall(r"stablehlo\.(\w+)", text)) - {"output_operand_alias", "mesh"}
         assert ops == {"custom_call", "reshape"}, ops
@@ -696,6 +728,41 @@ class TestAttentionGpu(_AttentionCases):
         kw = dict(scale=scale, implementation="triton", config=cfg, **heads)
         fn = jax.jit(functools.partial(decode_attention_update_qkv, **kw))
         return fn(qkv, cos, sin, k, v, index, valid)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+def test_gpu_split_counters_across_steps() -> None:
+    """Batch 1's split attention (4 programs per kv head, the last to arrive merges) as the
+    decode loop runs it: one counter through 20 steps of one jitted loop (each step
+    writes the same row, so each sees the same cache), every step's output the same bits
+    as a call with a fresh counter and close to the reference, the counter zero at the
+    end."""
+    q, k, v, k_new, v_new = random_problem(5, 1, 384, 8, 4, 128, jnp.bfloat16)
+    valid = jnp.ones((1, 384), bool)
+    cfg = Config(block_s=64, splits=4)
+    kw = dict(scale=128**-0.5, implementation="triton", config=cfg)
+    step = jax.jit(functools.partial(decode_attention_update, **kw))
+
+    @jax.jit
+    def loop(k, v, counter):
+        def body(i, carry):
+            k, v, counter, outs = carry
+            out, k, v, counter = step(q, k_new, v_new, k, v, 200, valid, counter=counter)
+            return k, v, counter, outs.at[i].set(out)
+
+        outs = jnp.zeros((20, *q.shape), q.dtype)
+        return jax.lax.fori_loop(0, 20, body, (k, v, counter, outs))
+
+    _, _, counter, outs = loop(k, v, jnp.zeros((1, 8), jnp.int32))
+    np.testing.assert_array_equal(counter, np.zeros((1, 8), np.int32))
+    fresh, *_ = step(q, k_new, v_new, k, v, 200, valid)
+    ref, *_ = decode_attention_update(
+        q, k_new, v_new, k, v, 200, valid, scale=128**-0.5, implementation="xla"
+    )
+    assert rel_err(fresh, ref) < 1e-2
+    for i in range(20):
+        np.testing.assert_array_equal(outs[i], fresh)
 
 
 @pytest.mark.gpu
