@@ -318,7 +318,9 @@ class TestAttentionEdges:
         of the wrong shape or dtype is refused."""
         q, k, v, k_new, v_new = random_problem(4, 2, 50, 3, 2, 16, jnp.float32)
         valid = jnp.ones((2, 50), bool)
-        want = decode_attention_update(q, k_new, v_new, k, v, 40, valid, scale=0.25)
+        want = decode_attention_update(
+            q, k_new, v_new, k, v, 40, valid, scale=0.25, implementation="xla"
+        )
         counter = jnp.zeros((2, 3), jnp.int32)
         kw = dict(scale=0.25, implementation="triton", interpret=True)
         for splits in (1, 3, 4):
@@ -337,7 +339,7 @@ class TestAttentionEdges:
         assert len(ref) == 4 and ref[3] is counter
         for bad in (jnp.zeros((2, 2), jnp.int32), jnp.zeros((2, 3), jnp.float32)):
             with pytest.raises(ValueError, match="counter must be"):
-                decode_attention_update(q, k_new, v_new, k, v, 40, valid, scale=0.25, counter=bad)
+                decode_attention_update(q, k_new, v_new, k, v, 40, valid, counter=bad, **kw)
 
     def test_row_without_keys_is_zero(self) -> None:
         q, k, v, _, _ = random_problem(0, 2, 20, 2, 2, 16, jnp.float32)

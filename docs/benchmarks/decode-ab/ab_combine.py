@@ -22,7 +22,7 @@ from awq_jax import model
 from awq_jax.inference import prepare_for_inference
 
 spec = importlib.util.spec_from_file_location("attention_old", sys.argv[2])
-old = importlib.util.module_from_spec(spec)
+old = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # (its dataclasses)
 spec.loader.exec_module(old)
 NEW = model.decode_attention_update_qkv
 

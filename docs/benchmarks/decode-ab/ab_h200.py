@@ -1,8 +1,8 @@
 """In-model A/B of the H200's decode choices (`tuning.DECODE["H200"]`; docs/kernels.md,
 "The H200 (runs 74-77)"): batch-1 generate of the 8B-shaped int4 model, greedy tokens
 compared with the first variant's. Each variant is a `tuning.DecodeChoices` put in place
-of the running part's entry (the H200's; the H100's on an H100), and, for `nocap`, no
-in-flight cap. On the device:
+of the running part's entry (the H200's; the H100's on an H100), and, for `nocap`,
+`cap6` and `cap12`, no in-flight cap or one of 6 or 12 MiB instead of 9. On the device:
 
     PYTHONPATH=$PWD python3 docs/benchmarks/decode-ab/ab_h200.py h100,dispatch,pf12,bk256
 
@@ -40,6 +40,8 @@ V = {  # name: (this part's decode choices, in-flight cap)
     "pf24": (D(prefetch_bytes=24 * MIB, large_block_k=512), CAP),
     "bk256": (D(prefetch_bytes=0, large_block_k=256), CAP),
     "nocap": (tuning.DECODE[PART], None),
+    "cap6": (tuning.DECODE[PART], 6 * MIB),
+    "cap12": (tuning.DECODE[PART], 12 * MIB),
 }
 
 
