@@ -506,7 +506,7 @@ def _decode_attention_triton(
     v_new_bkh, index)``) or "qkv" (``q_src`` = the projection ``[[P,] B, (N + 2K) * H]``,
     ``step = (cos_bh, sin_bh, index)``); the last two also write the caches. ``counter``:
     the splits' arrival counters ``[B, K]`` int32, all zero (None: a fresh zero array).
-    Returns ``(out_bnh, counter, *caches)``."""
+    Returns ``(out_bnh, *caches, counter)``."""
     b, s, kh, h = k_bskh.shape
     if source == "qkv":
         q_src = q_src.reshape(*q_src.shape[:-1], -1, h)  # a bitcast: [[P,] B, heads, H]
@@ -569,7 +569,7 @@ def _decode_attention_triton(
         out_bkgh = outs[-1]
     else:
         *_, out_bkgh, counter = outs
-    return (out_bkgh.reshape(b, kh * g, h), counter, *caches)
+    return (out_bkgh.reshape(b, kh * g, h), *caches, counter)
 
 
 # ----------------------------------------------------------------------------- public
@@ -599,16 +599,14 @@ def decode_attention(
       interpret: run the kernel in the Pallas interpreter (CPU tests).
     """
     _check_shapes(q_bnh, k_bskh, v_bskh, valid_bs)
-    kernel = functools.partial(
-        _decode_attention_triton, scale=scale, config=config, interpret=interpret
+    attend = functools.partial(
+        _decode_attention_triton, source="attend", scale=scale, config=config, interpret=interpret
     )
     return api.dispatch(
         implementation,
         {
             "xla": lambda: decode_attention_reference(q_bnh, k_bskh, v_bskh, valid_bs, scale=scale),
-            "triton": lambda: kernel(q_bnh, k_bskh, v_bskh, valid_bs, None, None, source="attend")[
-                0
-            ],
+            "triton": lambda: attend(q_bnh, k_bskh, v_bskh, valid_bs, None, None)[0],
         },
     )
 
@@ -663,19 +661,13 @@ def decode_attention_update(
                     ),
                     counter,
                 ),
-                "triton": lambda: _reorder(
-                    kernel(q_bnh, k_bskh, v_bskh, valid_bs, step, counter, source="update")
+                "triton": lambda: kernel(
+                    q_bnh, k_bskh, v_bskh, valid_bs, step, counter, source="update"
                 ),
             },
         ),
         counter,
     )
-
-
-def _reorder(outs: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-    """The kernel's ``(out, counter, k, v)`` as ``(out, k, v, counter)``."""
-    out, counter, k, v = outs
-    return out, k, v, counter
 
 
 def _with_counter(outs: tuple[jax.Array, ...], counter: jax.Array | None) -> tuple[jax.Array, ...]:
@@ -750,8 +742,8 @@ def decode_attention_update_qkv(
             implementation,
             {
                 "xla": reference,
-                "triton": lambda: _reorder(
-                    kernel(qkv_bf, k_bskh, v_bskh, valid_bs, step, counter, source="qkv")
+                "triton": lambda: kernel(
+                    qkv_bf, k_bskh, v_bskh, valid_bs, step, counter, source="qkv"
                 ),
             },
         ),
