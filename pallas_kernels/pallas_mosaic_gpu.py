@@ -397,7 +397,7 @@ def _fold_norm_tail(parts, res, weight, count, s_out, x_out, ssq_out, m: int, sp
 
         ptx = mgpu_utils.inline_ptx
         ptx("fence.acq_rel.gpu;", has_side_effects=True)
-        ptx("bar.warp.sync -1;", has_side_effects=True, convergent=True)
+        ptx("bar.warp.sync 0xffffffff;", has_side_effects=True, convergent=True)
         old = ptx(
             "{ .reg .pred p; setp.eq.u32 p, $1, 0; mov.u32 $0, 0;\n"
             "@p atom.acq_rel.gpu.global.add.u32 $0, [$2], 1; }",
@@ -432,7 +432,8 @@ def _fold_norm_tail(parts, res, weight, count, s_out, x_out, ssq_out, m: int, sp
                     s_el = arith.truncf(el, arith.addf(h, delta))
                     memref.store(s_el, s_out, [cix(t), col_ix])
                     s32 = arith.extf(f32, s_el)
-                    w32 = arith.extf(f32, memref.load(weight, [col_ix]))
+                    w32 = memref.load(weight, [col_ix])
+                    w32 = w32 if w32.type == f32 else arith.extf(f32, w32)
                     x_el = arith.truncf(el, arith.mulf(w32, s32))
                     memref.store(x_el, x_out, [cix(t), col_ix])
                     sq = arith.addf(sq, arith.mulf(s32, s32))
