@@ -89,7 +89,11 @@ def records(device: str, ms: tuple[int, ...]) -> list[dict]:
 
         rec = {"k": k, "n": n, "m": m, "split_k": cfg.split_k, "block_n": cfg.block_n}
         try:
-            rec |= _check(jax.jit(fold)(xs[0], ws[0]), res, nw, count, ref_y, cfg.block_n)
+            # The counters as an argument, not a closure (a jit constant would be a copy):
+            # the kernel writes this buffer, and the check reads it back.
+            first = jax.jit(lambda x, w, *f, cfg=cfg: mm(x, w, config=cfg, fold=f))
+            out = first(xs[0], ws[0], res, nw, count)
+            rec |= _check(out, res, nw, count, ref_y, cfg.block_n)
         except Exception as e:  # a probe: record the failure, time the others
             rec["error"] = f"{type(e).__name__}: {e}"[:500]
         ok = "error" not in rec and rec["s_exact"] and rec["x_exact"] and rec["counters_zero"]
