@@ -418,9 +418,10 @@ def _merge_splits(o_ref, m_ref, l_ref, b, kh, row_ok, splits: int) -> jax.Array:
     block_g, h = row_ok.shape[0], o_ref.shape[-1]
     rows = pl.ds(0, block_g)
 
+    load = functools.partial(pltriton.load, volatile=True)
+
     def body(j, carry):
         acc, m, l = carry
-        load = functools.partial(pltriton.load, volatile=True)
         m_j = load(m_ref.at[b, kh, j, rows], mask=row_ok, other=-jnp.inf)
         l_j = load(l_ref.at[b, kh, j, rows], mask=row_ok, other=0)
         o_j = load(o_ref.at[b, kh, j, rows, :], mask=row_ok[:, None], other=0)
@@ -523,7 +524,8 @@ def _decode_attention_triton(
     aliases = {}
     if counter is None:
         counter = jnp.zeros((b, kh), jnp.int32)
-    if splits > 1:  # the kernel's first operand after these
+    count_at = len(operands)  # the kernel's first operand after these, with splits
+    if splits > 1:
         operands.append(counter)
     if step is not None:
         *step_rows, index = step
@@ -540,7 +542,7 @@ def _decode_attention_triton(
             jax.ShapeDtypeStruct((b, kh, g, h), q.dtype),
             jax.ShapeDtypeStruct(counter.shape, counter.dtype),
         ]
-        aliases[4] = len(out_shape) - 1  # the counters: read and written in place
+        aliases[count_at] = len(out_shape) - 1  # the counters: read and written in place
     kernel = functools.partial(
         _attention_kernel,
         g=g,

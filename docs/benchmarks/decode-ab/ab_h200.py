@@ -7,7 +7,8 @@ of the running part's entry (the H200's; the H100's on an H100), and, for `nocap
     PYTHONPATH=$PWD python3 docs/benchmarks/decode-ab/ab_h200.py h100,dispatch,pf12,bk256
 
 Run 92 (an H100, code of commit a717f3c) ran ``dispatch,h200,bk256,pf12,dispatch`` when
-the H100's entry was what ``h100pf12`` names now (`run92-h100.json`).
+the H100's entry was what ``h100pf12`` names now (`run92-h100.json`); its winner,
+``bk256``, is the H100's entry since (``h100``).
 
 Run 76 was this script's first form (commit cbb675d, whose dispatch had the H100's
 choices on every part), with its own variant names; here `h100,bk256,pf12,pf24` are its
