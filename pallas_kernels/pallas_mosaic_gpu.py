@@ -361,91 +361,6 @@ def _store_to_leader(val, ref):
     store(val, ref)
 
 
-def _fold_norm_tail(parts, res, weight, count, s_out, x_out, ssq_out, m: int, splits: int):
-    """The add + RMSNorm fold's tail (a probe: `pallas_kernels.fold_probe`), run by every
-    CTA of a split-K kernel after it stored its f32 partial ``parts[k, :m, tile]``.
-
-    Each warp releases its lanes' stores and counts itself in ``count[0]`` (the tile's
-    arrival counter, zero between calls): ``fence.acq_rel.gpu`` in every lane, a warp
-    barrier, one ``atom.acq_rel.gpu.add`` by lane 0. The warp that arrives last of the
-    tile's ``warps x splits`` sums the tile's ``splits`` partials of each token (float32,
-    in order, rounded to the residual's dtype: `norm.sum_partials`), adds the residual:
-    ``s = res + delta`` (as the add + RMSNorm kernel rounds it), and stores ``s``,
-    ``x' = w * s`` (rounded once) and the tile's sum of squares of ``s`` per token in
-    ``ssq_out[0, t]``; then it sets the counter back to zero. A consumer multiplies by
-    ``x'`` and scales its float32 result by ``rsqrt(sum of the tiles' ssq / D + eps)``.
-    All refs are the tile's slices: ``parts [S, M, bn]``, ``res/s_out/x_out [M, bn]``,
-    ``weight [bn]``, ``count [1]``, ``ssq_out [1, M]``.
-    """
-    from jax.experimental.mosaic.gpu import utils as mgpu_utils
-    from jaxlib.mlir import ir
-    from jaxlib.mlir.dialects import arith, gpu, memref
-
-    ref = plgpu.RefType()
-
-    @plgpu.inline_mgpu(arg_types=(ref,) * 7)
-    def tail(_, parts, res, weight, count, s_out, x_out, ssq_out):
-        i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
-        index = ir.IndexType.get()
-        el = ir.MemRefType(res.type).element_type
-        bn = ir.MemRefType(res.type).shape[1]
-        c32 = lambda v: arith.constant(i32, v)  # noqa: E731
-        cix = lambda v: arith.constant(index, v)  # noqa: E731
-        tid = arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x))
-        lane = arith.andi(tid, c32(31))
-        warps = arith.shrui(arith.index_cast(i32, gpu.block_dim(gpu.Dimension.x)), c32(5))
-
-        ptx = mgpu_utils.inline_ptx
-        ptx("fence.acq_rel.gpu;", has_side_effects=True)
-        ptx("bar.warp.sync 0xffffffff;", has_side_effects=True, convergent=True)
-        old = ptx(
-            "{ .reg .pred p; setp.eq.u32 p, $1, 0; mov.u32 $0, 0;\n"
-            "@p atom.acq_rel.gpu.global.add.u32 $0, [$2], 1; }",
-            lane,
-            mgpu_utils.memref_ptr(count),
-            result_types=i32,
-            has_side_effects=True,
-        )
-        old = mgpu_utils._warp_bcast(old)  # lane 0's
-        last = arith.cmpi(
-            arith.CmpIPredicate.eq, old, arith.subi(arith.muli(warps, c32(splits)), c32(1))
-        )
-        with mgpu_utils.when(last):
-            ptx("fence.acq_rel.gpu;", has_side_effects=True)
-            strides, _ = ir.MemRefType(parts.type).get_strides_and_offset()
-            base = mgpu_utils.memref_ptr(parts)
-            lane0 = arith.cmpi(arith.CmpIPredicate.eq, lane, c32(0))
-            per_lane = bn // 32
-            for t in range(m):
-                sq = arith.constant(f32, 0.0)
-                for j in range(per_lane):
-                    col = arith.addi(arith.muli(lane, c32(per_lane)), c32(j))
-                    total = None
-                    for k in range(splits):  # written by other CTAs: from the L2
-                        at = arith.addi(c32(k * strides[0] + t * strides[1]), col)
-                        ptr = mgpu_utils.getelementptr(base, [at], f32)
-                        v = ptx("ld.global.cg.f32 $0, [$1];", ptr, result_types=f32)
-                        total = v if total is None else arith.addf(total, v)
-                    col_ix = arith.index_cast(index, col)
-                    delta = arith.extf(f32, arith.truncf(el, total))
-                    h = arith.extf(f32, memref.load(res, [cix(t), col_ix]))
-                    s_el = arith.truncf(el, arith.addf(h, delta))
-                    memref.store(s_el, s_out, [cix(t), col_ix])
-                    s32 = arith.extf(f32, s_el)
-                    w32 = memref.load(weight, [col_ix])
-                    w32 = w32 if w32.type == f32 else arith.extf(f32, w32)
-                    x_el = arith.truncf(el, arith.mulf(w32, s32))
-                    memref.store(x_el, x_out, [cix(t), col_ix])
-                    sq = arith.addf(sq, arith.mulf(s32, s32))
-                sq = mgpu_utils.warp_tree_reduce(sq, arith.addf, 32)
-                with mgpu_utils.when(lane0):
-                    memref.store(sq, ssq_out, [cix(0), cix(t)])
-            with mgpu_utils.when(lane0):
-                memref.store(c32(0), count, [cix(0)])
-
-    tail(parts, res, weight, count, s_out, x_out, ssq_out)
-
-
 def _cluster_sync():
     """All threads of all CTAs in the cluster: their earlier writes (shared memory of
     other CTAs included) are visible to every one of them after this."""
@@ -536,16 +451,11 @@ def _issue_prefetch(refs, boxes: tuple[PrefetchBoxes, ...], cta, num_ctas: int) 
             plgpu.async_prefetch(ref, predicate=b < bx.count)
 
 
-def _kernel(
-    x_gmem, w_gmem, s_gmem, z_gmem, *refs, g, bm, m, steps, depth, cfg, swiglu, prefetch, fold
-):
+def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, *refs, g, bm, m, steps, depth, cfg, swiglu, prefetch):
     """``refs``: the prefetched weight's three operands when ``prefetch`` (its boxes) is
-    not empty, the fold's residual, norm weight and counters when ``fold``, then the
-    output (and the fold's three), then the scratch buffers."""
-    n_pf, n_fold = (3 if prefetch else 0), (3 if fold else 0)
-    pf_refs, fold_in = refs[:n_pf], refs[n_pf : n_pf + n_fold]
-    o_gmem, *scratch = refs[n_pf + n_fold :]
-    fold_out, scratch = scratch[:n_fold], scratch[n_fold:]
+    not empty, then the output, then the scratch buffers."""
+    n_pf = 3 if prefetch else 0
+    pf_refs, (o_gmem, *scratch) = refs[:n_pf], refs[n_pf:]
     bn, bk = cfg.block_n, cfg.block_k
     dtype = x_gmem.dtype
     ni, mi = lax.axis_index("n"), lax.axis_index("m")
@@ -665,20 +575,6 @@ def _kernel(
         one_tile = o_gmem.shape[1] <= bm
         rows = slice(None) if one_tile else pl.ds(mi * bm, bm)
         _store_transposed(acc, o_gmem.at[ki, rows, pl.ds(ni * bn, bn)], m if one_tile else bm)
-        if fold:
-            (res, nw, count), (s_out, x_out, ssq) = fold_in, fold_out
-            tile = pl.ds(ni * bn, bn)
-            _fold_norm_tail(
-                o_gmem.at[:, :, tile],
-                res.at[:, tile],
-                nw.at[tile],
-                count.at[pl.ds(ni, 1)],
-                s_out.at[:, tile],
-                x_out.at[:, tile],
-                ssq.at[pl.ds(ni, 1), :],
-                m,
-                cfg.split_k,
-            )
         return
 
     def finish(total):  # the output rows of this row tile, in x.dtype
@@ -727,9 +623,8 @@ def int4_matmul_mosaic(
     prefetch: Int4Weight | None = None,
     prefetch_split: int = 1,
     prefetch_bytes: int = 0,
-    fold: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     interpret: bool = False,
-) -> jax.Array | tuple[jax.Array, ...]:
+) -> jax.Array:
     """``x[M, K] @ W`` through the Mosaic GPU kernel; returns ``[M, N]`` in x.dtype.
 
     ``epilogue="swiglu"``: W's columns are gate/up pairs (`layout.interleave_gate_up`) and
@@ -742,13 +637,6 @@ def int4_matmul_mosaic(
     TMA prefetches of up to ``prefetch_bytes`` of it into the L2 (`prefetch_boxes`, in
     the order a kernel splitting K ``prefetch_split`` ways reads it), each after its
     own pipeline. A hint: it changes no result.
-    ``fold=(residual [M, N], norm_weight [N], counters [N / block_n] int32 zeros)``, a
-    probe (`pallas_kernels.fold_probe`) of the add + RMSNorm folded into the split-K
-    kernel that feeds it (no cluster, one M tile): returns ``(partials, s, x', ssq)``,
-    the ``[S, M, N]`` f32 partials, ``s = residual + product`` and ``x' = w * s`` in
-    x.dtype, and each column tile's sum of squares of ``s`` ``[N / block_n, M]`` f32, made
-    by the last warp of each tile to finish (`_fold_norm_tail`). The counters are
-    written in place and left zero (not aliased: a probe).
     ``interpret=True`` runs the Mosaic GPU interpreter on the CPU (needs
     ``a_in_smem=True``; small shapes only; it prefetches nothing).
     """
@@ -772,21 +660,8 @@ def int4_matmul_mosaic(
     if prefetch is not None and prefetch_bytes > 0 and not interpret:
         boxes = prefetch_boxes(prefetch, prefetch_split, prefetch_bytes)
     pf_operands = (prefetch.q_packed, prefetch.scales_gn, prefetch.zeros_gn) if boxes else ()
-    if fold is not None and (cfg.cluster_reduce or cfg.a_in_smem or interpret or m > bm):
-        raise NotImplementedError("fold needs split-K partials of one M tile, on a GPU")
-    if fold is not None and (epilogue or partial_sums):
-        raise ValueError("fold returns its own outputs: no epilogue or partial_sums with it")
     body = functools.partial(
-        _kernel,
-        g=g,
-        bm=bm,
-        m=m,
-        steps=steps,
-        depth=depth,
-        cfg=cfg,
-        swiglu=swiglu,
-        prefetch=boxes,
-        fold=fold is not None,
+        _kernel, g=g, bm=bm, m=m, steps=steps, depth=depth, cfg=cfg, swiglu=swiglu, prefetch=boxes
     )
     interpret_params = plgpu.InterpretGPUParams() if interpret else None
     x = x_mk if m <= 8 or m % 8 == 0 else jnp.pad(x_mk, ((0, -m % 8), (0, 0)))
@@ -814,36 +689,15 @@ def int4_matmul_mosaic(
     else:
         scratch = []
         part_shape = (cfg.split_k, m if m_pad == bm else m_pad, w.n)
-    out_type = jax.ShapeDtypeStruct(part_shape, jnp.float32)
-    fold_operands = ()
-    if fold is not None:
-        res, nw, count = fold
-        tiles = (w.n // bn,)
-        if res.shape != (m, w.n) or nw.shape != (w.n,) or count.shape != tiles:
-            raise ValueError(
-                f"fold wants a residual {(m, w.n)}, a norm weight {(w.n,)} and counters "
-                f"{tiles}; got {res.shape}, {nw.shape}, {count.shape}"
-            )
-        if count.dtype != jnp.int32 or res.dtype != x_mk.dtype:
-            raise ValueError(f"fold wants int32 counters and a {x_mk.dtype} residual")
-        fold_operands = (res, nw, count)
-        out_type = (
-            out_type,
-            jax.ShapeDtypeStruct((m, w.n), res.dtype),
-            jax.ShapeDtypeStruct((m, w.n), res.dtype),
-            jax.ShapeDtypeStruct((w.n // bn, m), jnp.float32),
-        )
     kernel = plgpu.kernel(
         body,
-        out_type=out_type,
+        out_type=jax.ShapeDtypeStruct(part_shape, jnp.float32),
         grid=(w.n // bn, cfg.split_k, m_pad // bm),
         grid_names=("n", "k", "m"),
         scratch_types=scratch,
         interpret=interpret_params,
     )
-    part = kernel(x, w.q_packed, w.scales_gn, w.zeros_gn, *pf_operands, *fold_operands)
-    if fold is not None:
-        return part
+    part = kernel(x, w.q_packed, w.scales_gn, w.zeros_gn, *pf_operands)
     part = part.transpose(0, 2, 1)[:, :m] if cfg.a_in_smem else part[:, :m]  # [split_k, M, N]
     if partial_sums:
         return part

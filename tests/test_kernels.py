@@ -284,37 +284,6 @@ class TestMosaicInterpret(_Int4MatmulCases):
             assert "mosaic_gpu" in text
             assert ("cp.async.bulk.prefetch.tensor" in text) == (nbytes > 0)
 
-    def test_fold_probe_lowers_for_the_gpu(self) -> None:
-        """The add + RMSNorm fold's probe (`pallas_kernels.fold_probe`; not yet run on a
-        GPU) lowers with its warp arrival count in it, at one token and several; it
-        refuses a cluster, the interpreter, an epilogue and mismatched operands."""
-        w, _ = random_weight(np.random.default_rng(2), 1024, 256, 128, fmt="u4_wgmma")
-        sds = jax.ShapeDtypeStruct
-        cfg = pallas_mosaic_gpu.Config(block_n=64, split_k=4)
-        run = pallas_mosaic_gpu.int4_matmul_mosaic
-        for m in (1, 5):
-            x = sds((m, 1024), jnp.bfloat16)
-            fold = (sds((m, 256), jnp.bfloat16), sds((256,), jnp.bfloat16), sds((4,), jnp.int32))
-            fn = jax.jit(lambda x, w, f: run(x, w, config=cfg, fold=f))
-            out = jax.eval_shape(fn, x, w, fold)
-            assert [o.shape for o in out] == [(4, m, 256), (m, 256), (m, 256), (4, m)]
-            text = fn.trace(x, w, fold).lower(lowering_platforms=("cuda",)).as_text()
-            assert "atom.acq_rel.gpu.global.add.u32" in text and "ld.global.cg.f32" in text
-        x = jnp.ones((1, 1024), jnp.bfloat16)
-        fold = (
-            jnp.ones((1, 256), jnp.bfloat16),
-            jnp.ones(256, jnp.bfloat16),
-            jnp.zeros(4, jnp.int32),
-        )
-        clustered = dataclasses.replace(cfg, cluster_reduce=True)
-        with pytest.raises(NotImplementedError, match="fold needs"):
-            jax.eval_shape(lambda x: run(x, w, config=clustered, fold=fold), x)
-        with pytest.raises(ValueError, match="no epilogue"):
-            jax.eval_shape(lambda x: run(x, w, config=cfg, fold=fold, partial_sums=True), x)
-        with pytest.raises(ValueError, match="fold wants"):
-            bad = (fold[0], fold[1], jnp.zeros(3, jnp.int32))
-            jax.eval_shape(lambda x: run(x, w, config=cfg, fold=bad), x)
-
     def test_prefetch_boxes_cover_the_weight_in_read_order(self) -> None:
         """Uncapped, the boxes tile every operand exactly once; capped, they stay within
         the bytes, keep the scales and zero points whole and take the codes' K chunks
