@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from awq_jax.config import ModelConfig
-from awq_jax.generate import Sampling, generate, generate_tokens
+from awq_jax.generate import Sampling, generate, generate_tokens, pad_prompts
 from awq_jax.model import forward, init_params
 
 TINY = ModelConfig(
@@ -85,6 +85,40 @@ def test_eos_stops_each_sequence(tiny_params):
     assert out[0] == free[0][:3]  # stops after (and includes) its EOS
     cut = free[1].index(eos) + 1 if eos in free[1] else 6
     assert out[1] == free[1][:cut]  # the other sequence is unaffected until its own EOS
+
+
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=1.5, top_k=20)])
+def test_steps_per_sync_does_not_change_the_tokens(tiny_params, sampling):
+    """The host checks for EOS once a chunk; the tokens (greedy and sampled, an EOS mid-chunk,
+    a length that is not a multiple of the chunk) are those of checking every step."""
+    tokens, valid = (jnp.asarray(a) for a in pad_prompts([[5, 9, 2, 77, 31], [1, 2, 3]]))
+    run = dict(max_new_tokens=11, sampling=sampling)
+    free = np.asarray(generate_tokens(TINY, tiny_params, tokens, valid, jax.random.key(1), **run))
+    eos = (int(free[0, 4]),)  # the first sequence stops mid-way through a chunk of 3
+    for eos_ids in ((), eos):
+        outs = [
+            np.asarray(
+                generate_tokens(
+                    TINY,
+                    tiny_params,
+                    tokens,
+                    valid,
+                    jax.random.key(1),
+                    eos_ids=eos_ids,
+                    steps_per_sync=n,
+                    **run,
+                )
+            )
+            for n in (1, 3, 16)
+        ]
+        assert outs[0].shape == (2, 11)
+        for out in outs[1:]:
+            np.testing.assert_array_equal(out, outs[0])
+    assert (outs[0][0, 5:] == -1).all() and outs[0][0, 4] == eos[0]
+    with pytest.raises(ValueError, match="steps_per_sync"):
+        generate_tokens(
+            TINY, tiny_params, tokens, valid, jax.random.key(1), max_new_tokens=4, steps_per_sync=0
+        )
 
 
 def test_sampling(tiny_params):
