@@ -3,11 +3,11 @@
 Prompts of different lengths are left-padded to a shared bucket length; positions count real
 tokens only and padded keys are masked, so a prompt's output does not depend on what else is
 in its batch. The KV cache has a static maximum length (bucket + ``max_new_tokens``); the decode
-loop is a ``lax.while_loop`` over chunks of ``steps_per_sync`` decode steps (a loop of static
-length inside, so the GPU runs a chunk without the host), stopping after the chunk in which
-every sequence has produced an end-of-sequence token: the host reads the stop flag once a
-chunk, not once a token. One compilation per (batch size, bucket length, max_new_tokens,
-sampling settings), never per token.
+loop is a ``lax.while_loop`` that stops when every sequence has produced an end-of-sequence
+token; without EOS ids it runs a fixed count (a trip count XLA knows, so the host is never
+asked whether to go on: a stop flag read back costs ~12 us a token on an H100, run 96 in
+docs/kernels.md). One compilation per (batch size, bucket length, max_new_tokens, sampling
+settings), never per token.
 """
 
 from __future__ import annotations
@@ -87,13 +87,7 @@ def prefill(
     return logits[:, -1], cache
 
 
-STEPS_PER_SYNC = 16
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=("config", "max_new_tokens", "sampling", "eos_ids", "steps_per_sync"),
-)
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "eos_ids"))
 def generate_tokens(
     config: ModelConfig,
     params: Any,
@@ -104,33 +98,31 @@ def generate_tokens(
     max_new_tokens: int,
     sampling: Sampling = Sampling(),
     eos_ids: tuple[int, ...] = (),
-    steps_per_sync: int = STEPS_PER_SYNC,
 ) -> jax.Array:
     """Generates ``[B, max_new_tokens]`` token ids (-1 after a sequence's EOS).
 
-    ``tokens_bt`` are left-padded prompts and ``valid_bt`` marks their real tokens. The loop
-    checks for EOS every ``steps_per_sync`` steps (a data-dependent loop condition costs a
-    device-to-host copy and a wait each time it is read); the steps after the last EOS in
-    that chunk, and past ``max_new_tokens`` in the last chunk, are computed and discarded.
+    ``tokens_bt`` are left-padded prompts and ``valid_bt`` marks their real tokens.
     """
-    if steps_per_sync < 1:
-        raise ValueError(f"steps_per_sync must be >= 1, got {steps_per_sync}")
     b, t = tokens_bt.shape
-    chunk = min(steps_per_sync, max_new_tokens)
-    steps = -(-max_new_tokens // chunk) * chunk  # whole chunks; the cache holds them all
     model = Transformer(config)
-    key_valid_bs = jnp.concatenate([valid_bt, jnp.ones((b, steps), bool)], axis=1)
+    key_valid_bs = jnp.concatenate([valid_bt, jnp.ones((b, max_new_tokens), bool)], axis=1)
     lengths_b = valid_bt.sum(axis=-1).astype(jnp.int32)
     eos = jnp.asarray(eos_ids if eos_ids else (-2,), jnp.int32)
 
-    logits_bv, cache = prefill(config, params, tokens_bt, valid_bt, t + steps)
+    logits_bv, cache = prefill(config, params, tokens_bt, valid_bt, t + max_new_tokens)
     key, sub = jax.random.split(key)
     token_b = _sample(logits_bv, sub, sampling)
-    out = jnp.full((b, steps), -1, jnp.int32)
+    out = jnp.full((b, max_new_tokens), -1, jnp.int32)
     done_b = jnp.zeros((b,), bool)
 
-    def step(i, state):
-        token_b, cache, done_b, out, key = state
+    def cond(state):
+        i, _, _, done_b, _, _ = state
+        if not eos_ids:  # nothing can stop it early: a static trip count, no host round trip
+            return i < max_new_tokens
+        return (i < max_new_tokens) & ~jnp.all(done_b)
+
+    def body(state):
+        i, token_b, cache, done_b, out, key = state
         out = out.at[:, i].set(jnp.where(done_b, -1, token_b))
         done_b = done_b | jnp.isin(token_b, eos)
         index = t + i
@@ -144,21 +136,10 @@ def generate_tokens(
             index,
         )
         key, sub = jax.random.split(key)
-        return _sample(logits[:, -1], sub, sampling), cache, done_b, out, key
+        return i + 1, _sample(logits[:, -1], sub, sampling), cache, done_b, out, key
 
-    def cond(carry):
-        i, (_, _, done_b, _, _) = carry
-        return (i < steps) & ~jnp.all(done_b)
-
-    def chunk_body(carry):
-        i, state = carry
-        # Static bounds: XLA knows the trip count and never asks the host inside a chunk.
-        state = jax.lax.fori_loop(0, chunk, lambda j, s: step(i + j, s), state)
-        return i + chunk, state
-
-    state = (token_b, cache, done_b, out, key)
-    _, (_, _, _, out, _) = jax.lax.while_loop(cond, chunk_body, (jnp.int32(0), state))
-    return out[:, :max_new_tokens]
+    state = (jnp.int32(0), token_b, cache, done_b, out, key)
+    return jax.lax.while_loop(cond, body, state)[4]
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
