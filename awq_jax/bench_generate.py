@@ -127,6 +127,22 @@ def ab_decode(config, params, names: list[str], apply, *, check_tokens: int = 48
     return recs
 
 
+def ab_decode_int4_bf16(config, names: list[str], apply, out_file: Path) -> dict:
+    """`ab_decode` on random int4 (RTN) and bf16 weights of ``config``; writes ``out_file``
+    (``{"int4": [...], "bf16": [...]}``) and prints a table."""
+    params = random_params(config)
+    recs = {"int4": ab_decode(config, random_int4(config, params), names, apply)}
+    recs["bf16"] = ab_decode(config, prepare_for_inference(params), names, apply)
+    out_file.write_text(json.dumps(recs, indent=1))
+    print("\nweights   variant    tok/s  generate ms")
+    for w, rs in recs.items():
+        for r in rs:
+            print(
+                f"{w:>7} {r['variant']:>9} {r['decode_tok_s']:8.1f} {1e3 * r['generate_s']:12.1f}"
+            )
+    return recs
+
+
 DEFAULT_CASES = ((1, 128), (8, 128), (32, 128), (1, 2048), (8, 2048), (32, 2048))
 IMPLS = ("int4", "xla_int4", "bf16", "int4_noprefetch")
 

@@ -13,13 +13,12 @@ the model's place, the counter passed through untouched. On the device:
 """
 
 import importlib.util
-import json
 import os
 import sys
+from pathlib import Path
 
 from awq_jax import bench_generate as bg
 from awq_jax import model
-from awq_jax.inference import prepare_for_inference
 
 spec = importlib.util.spec_from_file_location("attention_old", sys.argv[2])
 old = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # (its dataclasses)
@@ -35,14 +34,5 @@ def apply(name):  # read at trace time: ab_decode clears the jit caches
     model.decode_attention_update_qkv = NEW if name == "merged" else two_kernels
 
 
-config = bg.LLAMA3_8B
-params = bg.random_params(config)
-names = sys.argv[1].split(",")
-recs = {"int4": bg.ab_decode(config, bg.random_int4(config, params), names, apply)}
-recs["bf16"] = bg.ab_decode(config, prepare_for_inference(params), names, apply)
-with open(os.path.join(os.environ.get("OUT", "/tmp"), "ab_combine.json"), "w") as f:
-    json.dump(recs, f, indent=1)
-print("\nweights  variant  tok/s")
-for w, rs in recs.items():
-    for r in rs:
-        print(f"{w:>5} {r['variant']:>9} {r['decode_tok_s']:7.1f}")
+out = Path(os.environ.get("OUT", "/tmp"), "ab_combine.json")
+bg.ab_decode_int4_bf16(bg.LLAMA3_8B, sys.argv[1].split(","), apply, out)
