@@ -5,8 +5,8 @@ tokens only and padded keys are masked, so a prompt's output does not depend on 
 in its batch. The KV cache has a static maximum length (bucket + ``max_new_tokens``); the decode
 loop is a ``lax.while_loop`` that stops when every sequence has produced an end-of-sequence
 token; without EOS ids it runs a fixed count (a trip count XLA knows, so the host is never
-asked whether to go on: a stop flag read back costs ~12 us a token on an H100, run 96 in
-docs/kernels.md). One compilation per (batch size, bucket length, max_new_tokens, sampling
+asked whether to go on: a stop flag read back costs ~12-28 us a token on an H100, runs 96-98
+in docs/kernels.md). One compilation per (batch size, bucket length, max_new_tokens, sampling
 settings), never per token.
 """
 
