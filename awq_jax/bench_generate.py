@@ -238,6 +238,51 @@ def _kernel_group(name: str) -> str:
     return "other: " + name[:40]
 
 
+def step_breakdown(trace: list[tuple[str, float]], num_layers: int) -> dict | None:
+    """One decode step of a CUPTI trace (``[(kernel name, ms)]`` in stream order), layer by
+    layer: the step is the kernels between the last two lm_heads (the longest kernel of a
+    step, once per step), its layers the longest run of it whose names repeat with some
+    period ``p`` (the kernels of one layer) for at least ``num_layers - 1`` layers.
+    Returns ``{"step_us", "kernels", "layer": [{"name", "us"}] (the mean of each
+    position over the periodic layers), "layers", "outside": [{"name", "us"}]}``, or None
+    where the trace has fewer than two lm_heads or no such period."""
+    if len(trace) < 2:
+        return None
+    longest = max(ms for _, ms in trace)
+    heads = [i for i, (_, ms) in enumerate(trace) if ms > 0.5 * longest]
+    if len(heads) < 2:
+        return None
+    step = trace[heads[-2] + 1 : heads[-1] + 1]
+    names = [n for n, _ in step]
+    n = len(step)
+    for p in range(1, n // max(num_layers - 1, 1) + 1):
+        best_start, best_len, run = 0, 0, 0
+        for i in range(n - p):  # run: how many i' <= i in a row have names[i'] == names[i'+p]
+            run = run + 1 if names[i] == names[i + p] else 0
+            if run > best_len:
+                best_start, best_len = i - run + 1, run
+        layers = min((best_len + p) // p, num_layers)
+        if layers >= num_layers - 1:
+            start = best_start
+            body = step[start : start + p * layers]
+            layer = [
+                {
+                    "name": body[j][0][:60],
+                    "us": 1e3 * float(np.mean([body[j + p * i][1] for i in range(layers)])),
+                }
+                for j in range(p)
+            ]
+            outside = step[:start] + step[start + p * layers :]
+            return {
+                "step_us": 1e3 * sum(ms for _, ms in step),
+                "kernels": n,
+                "layers": layers,
+                "layer": layer,
+                "outside": [{"name": k[:60], "us": 1e3 * ms} for k, ms in outside],
+            }
+    return None
+
+
 def profile_decode(
     config, params, *, batch: int = 1, prompt_len: int = 128, new_tokens: int = 64
 ) -> dict:
@@ -286,6 +331,7 @@ def profile_decode(
             for g, us in sorted(per_token.items(), key=lambda kv: -kv[1])
         },
         "top_kernels_us_per_token": dict(sorted(per_name.items(), key=lambda kv: -kv[1])[:20]),
+        "last_step": step_breakdown(kernels["generate"], config.num_layers),
     }
 
 
@@ -318,8 +364,30 @@ def run_profile(out: Path, *, impls: tuple[str, ...] = ("int4", "bf16")) -> list
             f"| {impl} | {rec['wall_us_per_token']:.0f} | {rec['kernel_us_per_token']:.0f} | "
             f"{rec['kernels_per_token']:.0f} | {top} |"
         )
+    for rec in records:
+        lines += _step_table(rec)
     _write(out, f"decode-profile-{device_tag()}", records, "\n".join(lines))
     return records
+
+
+def _step_table(rec: dict) -> list[str]:
+    """Markdown of a profile record's ``last_step`` (`step_breakdown`)."""
+    st = rec.get("last_step")
+    if not st:
+        return ["", f"{rec['impl']}: no step breakdown (the trace had no periodic layers)"]
+    layer_us = sum(k["us"] for k in st["layer"])
+    lines = [
+        "",
+        f"### {rec['impl']}: the last step, {st['step_us']:.0f} us in {st['kernels']} kernels; "
+        f"{st['layers']} layers of {len(st['layer'])} kernels, {layer_us:.1f} us a layer",
+        "",
+        "| # | kernel (mean over the layers) | us |",
+        "|---:|---|---:|",
+    ]
+    lines += [f"| {j} | `{k['name']}` | {k['us']:.2f} |" for j, k in enumerate(st["layer"])]
+    outside = "; ".join(f"`{k['name']}` {k['us']:.1f}" for k in st["outside"])
+    lines += ["", f"Outside the layers: {outside or 'nothing'}."]
+    return lines
 
 
 def _generate_table(records: list[dict]) -> str:

@@ -170,3 +170,26 @@ def test_prefill_last_logits_match_forward():
     want = forward(TINY, params, tokens, key_valid_bt=valid)[:, -1]
     np.testing.assert_allclose(np.asarray(logits_bv), np.asarray(want), rtol=1e-5, atol=1e-5)
     assert cache[0][0].shape[1] == 12  # layer 0 keys: [B, max_len, kv heads, head dim]
+
+
+def test_step_breakdown_finds_the_step_and_its_layers() -> None:
+    """`bench profile`'s readout of one decode step from a CUPTI trace: the kernels between
+    the last two lm_heads, split into the layers' repeating pattern and what is outside."""
+    from awq_jax.bench_generate import step_breakdown
+
+    def step(scale: float) -> list[tuple[str, float]]:
+        layer = [("norm", 0.003), ("mm", 0.007 * scale), ("attn", 0.004), ("mm", 0.006)]
+        layers = [(n, ms + 1e-4 * i) for i in range(4) for n, ms in layer]
+        return [("embed", 0.001), *layers, ("final_norm", 0.002), ("lm_head", 0.34)]
+
+    prefill = [("prefill_mm", 0.1), ("lm_head", 0.34)]
+    got = step_breakdown(prefill + step(1.0) + step(2.0), num_layers=4)
+    assert got["kernels"] == 19 and got["layers"] == 4
+    assert [k["name"] for k in got["layer"]] == ["norm", "mm", "attn", "mm"]
+    # the last step (scale 2): position 1 is 14 us plus the layers' mean offset of 0.15 us
+    assert got["layer"][1]["us"] == pytest.approx(14.15)
+    assert [k["name"] for k in got["outside"]] == ["embed", "final_norm", "lm_head"]
+    assert got["step_us"] == pytest.approx(1e3 * sum(ms for _, ms in step(2.0)))
+    assert step_breakdown(prefill, num_layers=4) is None  # one lm_head: no whole step
+    aperiodic = [("a", 0.01), ("b", 0.01), ("c", 0.01), ("lm_head", 0.34)]
+    assert step_breakdown(prefill + aperiodic, num_layers=4) is None  # no layers in it
