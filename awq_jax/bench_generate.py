@@ -227,8 +227,13 @@ def _kernel_group(name: str) -> str:
     for key, group in (
         ("mosaic", "int4 matmul (Mosaic GPU)"),  # "anonymous_mosaic_gpu_kernel"
         ("int4_matmul_triton", "int4 matmul (Triton)"),
+        ("decode_attention", "decode attention (Pallas)"),
+        ("rms_norm", "add + RMSNorm (Pallas)"),
+        # XLA names the kernels of its Triton GEMM fusions after them; cuBLAS's are its own
+        ("gemm_fusion", "XLA GEMM (Triton fusion)"),
         ("gemm", "cuBLAS GEMM"),
         ("gemv", "cuBLAS GEMV"),
+        ("nvjet", "cuBLAS GEMM"),
         ("cutlass", "cuBLAS GEMM"),
         ("reduce", "XLA reductions"),
         ("fusion", "XLA fusions"),

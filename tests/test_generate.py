@@ -193,3 +193,15 @@ def test_step_breakdown_finds_the_step_and_its_layers() -> None:
     assert step_breakdown(prefill, num_layers=4) is None  # one lm_head: no whole step
     aperiodic = [("a", 0.01), ("b", 0.01), ("c", 0.01), ("lm_head", 0.34)]
     assert step_breakdown(prefill + aperiodic, num_layers=4) is None  # no layers in it
+
+
+def test_profile_kernel_groups() -> None:
+    """`bench profile` buckets: XLA's Triton GEMM fusions are not cuBLAS's kernels."""
+    from awq_jax.bench_generate import _kernel_group
+
+    assert _kernel_group("gemm_fusion_dot_196") == "XLA GEMM (Triton fusion)"
+    assert _kernel_group("nvjet_sm90_tss_128x64_64x8_1x2_h_bz_NNT") == "cuBLAS GEMM"
+    assert _kernel_group("anonymous_mosaic_gpu_kernel") == "int4 matmul (Mosaic GPU)"
+    assert _kernel_group("add_rms_norm__2") == "add + RMSNorm (Pallas)"
+    assert _kernel_group("decode_attention") == "decode attention (Pallas)"
+    assert _kernel_group("input_reduce_fusion_3") == "XLA reductions"
