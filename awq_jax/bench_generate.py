@@ -1,7 +1,7 @@
 """GPU benchmarks of the whole path: jit ``generate`` with bf16 vs int4 weights, AWQ search time.
 
     awq-jax bench generate --out DIR     # -> DIR/generate-<device>.json / .md
-    awq-jax bench profile --out DIR      # -> DIR/decode-profile-<device>.json / .md
+    awq-jax bench profile --out DIR      # -> DIR/decode-profile-<device>.json / .md, by layer too
     awq-jax bench search --out DIR       # -> DIR/search-<device>.json / .md
 
 The model is Llama-3-8B-shaped (32 layers, 4096 wide, GQA 32/8, MLP 14336, vocab 128256) with

@@ -392,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPU benchmarks (generate throughput, decode profile, search time)",
         description="Benchmarks on a GPU: jit generate with bf16 vs int4 weights "
         "on an 8B-shaped random model ('generate'), where one decode step's GPU time "
-        "goes, kernel by kernel ('profile'), and the AWQ search time ('search').",
+        "goes, by kernel kind and layer by layer ('profile'), and the AWQ search time "
+        "('search').",
     )
     p.add_argument("what", choices=["generate", "profile", "search"], help="which benchmark")
     p.add_argument(
