@@ -251,7 +251,7 @@ def step_breakdown(trace: list[tuple[str, float]], num_layers: int) -> dict | No
     Returns ``{"step_us", "kernels", "layer": [{"name", "us"}] (the mean of each
     position over the periodic layers), "layers", "outside": [{"name", "us"}]}``, or None
     where the trace has fewer than two lm_heads or no such period."""
-    if len(trace) < 2:
+    if not trace:
         return None
     longest = max(ms for _, ms in trace)
     heads = [i for i, (_, ms) in enumerate(trace) if ms > 0.5 * longest]
@@ -261,14 +261,13 @@ def step_breakdown(trace: list[tuple[str, float]], num_layers: int) -> dict | No
     names = [n for n, _ in step]
     n = len(step)
     for p in range(1, n // max(num_layers - 1, 1) + 1):
-        best_start, best_len, run = 0, 0, 0
+        start, best_len, run = 0, 0, 0
         for i in range(n - p):  # run: how many i' <= i in a row have names[i'] == names[i'+p]
             run = run + 1 if names[i] == names[i + p] else 0
             if run > best_len:
-                best_start, best_len = i - run + 1, run
+                start, best_len = i - run + 1, run
         layers = min((best_len + p) // p, num_layers)
         if layers >= num_layers - 1:
-            start = best_start
             body = step[start : start + p * layers]
             layer = [
                 {
