@@ -39,7 +39,14 @@ f16 scales and zero points; they differ in the order of the codes. The Triton ke
   ``(w >> 4p) & 0x000F000F | 0x43004300`` is a register of two bf16 numbers ``128 + q``
   with no shuffle or repack (the int4 trick of FasterTransformer / Marlin), and one
   packed subtraction of ``128 + z`` gives the exact ``q - z``: 1.5 instructions per
-  weight against ~2.5 for the generic signed-int4 path.
+  weight against ~2.5 for the generic signed-int4 path. Tiled (``tile_n=128``, the
+  default where 128 divides N and 256 divides K): the same words reordered to ``uint32
+  [N / 128, K / 256, 128, 32]``, so the ``[64, 256]`` weight block a Mosaic decode
+  kernel's pipeline step copies (64 rows of wgmma, 256 K rows) is ONE contiguous 8 KB
+  run (the warp-specialized kernel's 128 rows: 16 KB), where the ``[N, K / 8]`` rows
+  order (``tile_n=0``) has each step read 128 bytes from each of 64 rows ``K / 2``
+  bytes apart. Inside a tile the order is the rows order's, so a step's block lands in
+  shared memory exactly as before.
 
 The nibble order of AWQ's own ``qweight`` checkpoints lives in ``convert/``; this module
 starts from plain unpacked codes ``q_kn`` so it never needs to know it.
@@ -55,6 +62,9 @@ import jax.numpy as jnp
 _SUPPORTED_GROUP_SIZES_NOTE = "group_size must be even and divide K (e.g. 32, 64, 128)"
 FORMATS = ("u4_split", "s4", "u4_wgmma")
 WGMMA_CHUNK = 128  # K columns per permutation chunk of the u4_wgmma format
+# The tiled u4_wgmma format's contiguous tile: 128 weight rows (the warp-specialized
+# kernel's CTA, two decode CTAs) x 256 K rows (a pipeline step), 16 KB of words.
+WGMMA_TILE_N, WGMMA_TILE_K = 128, 256
 # Rows per gate/up block of a SwiGLU projection (`interleave_gate_up`): a wgmma
 # accumulator thread holds rows r and r + 8 of every 16, so a gate row meets its up row.
 SWIGLU_BLOCK = 8
@@ -72,7 +82,7 @@ class Int4Weight:
     """
 
     # u4_split: uint8 [N/tile_n, K/G, tile_n, G/2] (tiled) or [N, K/2]; s4: int4 [N, K];
-    # u4_wgmma: uint32 [N, K/8]
+    # u4_wgmma: uint32 [N/128, K/256, 128, 32] (tiled) or [N, K/8]
     q_packed: jax.Array
     scales_gn: jax.Array  # float16 [K // group_size, N]
     zeros_gn: jax.Array  # float16 [K // group_size, N], integer zero points 0..15
@@ -97,12 +107,19 @@ class Int4Weight:
         q = self.q_packed.transpose(0, 2, 1, 3)  # [N/tn, tn, K/G, h]
         return q.reshape(self.n, self.num_groups * h)
 
+    @property
+    def words_nk8(self) -> jax.Array:
+        """``u4_wgmma``: the words in plain ``uint32 [N, K / 8]`` order (a transpose if tiled)."""
+        if self.fmt != "u4_wgmma":
+            raise ValueError(f"words_nk8 is the u4_wgmma format's, not {self.fmt!r}'s")
+        return untile_wgmma(self.q_packed) if self.tile_n else self.q_packed
+
     def codes_nk(self) -> jax.Array:
         """The unsigned codes ``q`` as ``uint8 [N, K]``, whatever the format."""
         if self.fmt == "s4":
             return (self.q_packed.astype(jnp.int8) + 8).astype(jnp.uint8)
         if self.fmt == "u4_wgmma":
-            return unpack_wgmma(self.q_packed)
+            return unpack_wgmma(self.words_nk8)
         return unpack_codes(self.q_nk2, self.group_size)
 
     @property
@@ -214,6 +231,24 @@ def unpack_wgmma(q_words: jax.Array) -> jax.Array:
     return q.reshape(n, 8 * k8).astype(jnp.uint8)
 
 
+def tile_wgmma(words_nk8: jax.Array) -> jax.Array:
+    """u4_wgmma words ``[N, K / 8]`` -> tiled ``[N / 128, K / 256, 128, 32]``."""
+    n, k8 = words_nk8.shape
+    tk = WGMMA_TILE_K // 8
+    return words_nk8.reshape(n // WGMMA_TILE_N, WGMMA_TILE_N, k8 // tk, tk).transpose(0, 2, 1, 3)
+
+
+def untile_wgmma(tiles: jax.Array) -> jax.Array:
+    """Inverse of :func:`tile_wgmma`: ``[N, K / 8]`` words."""
+    nt, kt, tn, tk = tiles.shape
+    return tiles.transpose(0, 2, 1, 3).reshape(nt * tn, kt * tk)
+
+
+def wgmma_tileable(k: int, n: int) -> bool:
+    """Whether a ``[K, N]`` u4_wgmma weight cuts into the tiled format's tiles."""
+    return n % WGMMA_TILE_N == 0 and k % WGMMA_TILE_K == 0
+
+
 def tile_codes(q_nk2: jax.Array, group_size: int, tile_n: int) -> jax.Array:
     """Plain ``[N, K // 2]`` packed codes -> tiled ``[N/tile_n, K/G, tile_n, G/2]``."""
     n, k2 = q_nk2.shape
@@ -237,10 +272,11 @@ def prepare_weight(
       scales_gn: float ``[K // group_size, N]`` scales (f16, bf16 or f32; stored as f16).
       zeros_gn: uint8 ``[K // group_size, N]`` integer zero points in ``[0, 16)``.
       group_size: rows of K that share one scale and zero point.
-      tile_n: columns per contiguous tile of the ``u4_split`` format (see the module
-        docstring); None picks 64 when the default backend is a GPU and 64 divides N,
-        else the plain order (0), which every backend accepts (the CPU reference then
-        skips a transpose). Ignored by the other formats.
+      tile_n: columns per contiguous tile (see the module docstring). ``u4_split``: None
+        picks 64 when the default backend is a GPU and 64 divides N, else the plain
+        order (0), which every backend accepts (the CPU reference then skips a
+        transpose). ``u4_wgmma``: 128 (tiles of 128 x 256) or 0 (rows); None picks
+        128 where the shape cuts into tiles (`wgmma_tileable`). Ignored by ``s4``.
       fmt: ``"u4_split"`` (the Triton kernel's layout), ``"s4"`` or ``"u4_wgmma"``
         (Mosaic GPU's); None: ``format_for(None, K, group_size)``.
 
@@ -262,7 +298,16 @@ def prepare_weight(
     if fmt == "u4_wgmma":
         if group_size % WGMMA_CHUNK or k % WGMMA_CHUNK:
             raise ValueError(f"fmt='u4_wgmma' needs group_size and K multiples of {WGMMA_CHUNK}")
-        tile_n, q_packed = 0, pack_wgmma(q_kn.T.astype(jnp.uint8))
+        if tile_n is None:
+            tile_n = WGMMA_TILE_N if wgmma_tileable(k, n) else 0
+        if tile_n not in (0, WGMMA_TILE_N) or (tile_n and not wgmma_tileable(k, n)):
+            raise ValueError(
+                f"a u4_wgmma weight is tiled {WGMMA_TILE_N} x {WGMMA_TILE_K} (tile_n="
+                f"{WGMMA_TILE_N}, N and K multiples of those) or not (0); got {tile_n=} "
+                f"for K={k}, N={n}"
+            )
+        q_packed = pack_wgmma(q_kn.T.astype(jnp.uint8))
+        q_packed = tile_wgmma(q_packed) if tile_n else q_packed
     elif fmt == "s4":
         tile_n, q_packed = 0, (q_kn.T.astype(jnp.int8) - 8).astype(jnp.int4)
     else:

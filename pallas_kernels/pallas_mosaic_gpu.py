@@ -6,7 +6,8 @@ N dimension (8..256): at decode a 16-token tile wastes nothing, where a token-ma
 would pad 1 token to 64 rows. Per CTA (one warpgroup):
 
 * ``emit_pipeline`` streams ``[block_n, block_k]`` weight tiles (TMA into swizzled
-  shared memory), the matching ``[block_m, block_k]`` x tile and the
+  shared memory; one contiguous run each where the weight is tiled, layout.py), the
+  matching ``[block_m, block_k]`` x tile and the
   ``[block_k / G, block_n]`` scales and zero points, ``max_concurrent_steps`` deep.
 * Per group the weight tile becomes the exact integers ``q - z`` in x.dtype, in the
   wgmma A-operand registers. Two weight formats (layout.py): ``u4_wgmma`` (pre-permuted
@@ -63,7 +64,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.layout import SWIGLU_BLOCK, WGMMA_CHUNK, Int4Weight
+from pallas_kernels.layout import SWIGLU_BLOCK, WGMMA_CHUNK, WGMMA_TILE_K, WGMMA_TILE_N, Int4Weight
 from pallas_kernels.reference import swiglu_interleaved
 
 # Magic float whose low mantissa bits take a 4-bit code q: (bits, value of magic | 0).
@@ -170,6 +171,8 @@ def check_supported(m: int, w: Int4Weight, dtype: jnp.dtype, cfg: Config) -> Non
         problems.append(f"the weight must be in the 's4' or 'u4_wgmma' format, not {w.fmt!r}")
     if w.fmt == "u4_wgmma" and (cfg.block_k % WGMMA_CHUNK or cfg.a_in_smem):
         problems.append(f"u4_wgmma needs block_k a multiple of {WGMMA_CHUNK} and no a_in_smem")
+    if w.fmt == "u4_wgmma" and w.tile_n and WGMMA_TILE_N % cfg.block_n:
+        problems.append(f"a tiled u4_wgmma weight needs block_n dividing {WGMMA_TILE_N}")
     if dtype not in (jnp.bfloat16, jnp.float16):
         problems.append(f"activations must be bf16 or f16, got {dtype}")
     if g % 32 or g > cfg.block_k or cfg.block_k % g or cfg.block_k < 64:
@@ -249,19 +252,74 @@ def _dequant_wgmma(words, zm, dtype, ops: str = "full"):
     return convert(words, zm)
 
 
+def w_block(rows: int, bk: int, w_tiled: bool, wgmma_fmt: bool) -> tuple:
+    """(block shape, index map of step ``(ni, kk)`` -> block index, TMA transforms) of
+    the weight's pipeline copy: ``rows`` weight rows (row block ``ni``) by ``bk`` K rows
+    (step ``kk``).
+
+    Rows order: a ``[rows, bk / 8]`` box of the ``[N, K / 8]`` words (``s4``: ``[rows,
+    bk]`` codes). Tiled (``[N / 128, K / 256, 128, 32]``, ``rows`` dividing 128): the
+    rows of one tile at one step, ``[rows, bk / 8]`` in shared memory as in the rows
+    order; ``[bk / 256, rows, 32]`` where a step spans several tiles along K.
+    """
+    if not w_tiled:
+        block = (rows, bk // 8) if wgmma_fmt else (rows, bk)
+        bits = 32 if wgmma_fmt else 4
+        return block, lambda ni, kk: (ni, kk), tiled_transforms(bk // 2, bits)
+    per_n = WGMMA_TILE_N // rows  # row blocks per tile
+    if bk >= WGMMA_TILE_K:
+        kt = bk // WGMMA_TILE_K
+        block = (None, None if kt == 1 else kt, rows, WGMMA_TILE_K // 8)
+        return (
+            block,
+            lambda ni, kk: (ni // per_n, kk, ni % per_n, 0),
+            tiled_transforms(WGMMA_TILE_K // 2, 32),
+        )
+    per_k = WGMMA_TILE_K // bk  # steps per tile
+    return (
+        (None, None, rows, bk // 8),
+        lambda ni, kk: (ni // per_n, kk // per_k, ni % per_n, kk % per_k),
+        tiled_transforms(bk // 2, 32),
+    )
+
+
+def tiled_transforms(row_bytes: int, bits: int) -> tuple:
+    return tiled(swizzle_for(row_bytes), bits)
+
+
+def load_words(w_smem, rows=None):
+    """A step's weight block in registers: ``u4_wgmma`` words in the WGMMA_8BIT layout
+    (a tuple of ``[rows, 32]`` arrays where the block spans several tiles along K), or
+    ``s4`` codes; ``rows``: a slice of its rows (None: all)."""
+    at = (lambda ref: ref) if rows is None else (lambda ref: ref.at[rows])
+    if w_smem.dtype != jnp.uint32:
+        return at(w_smem)[...]
+    layout = plgpu.Layout.WGMMA_8BIT
+    if len(w_smem.shape) == 2:
+        return plgpu.load(at(w_smem), layout=layout)
+    return tuple(plgpu.load(at(w_smem.at[c]), layout=layout) for c in range(w_smem.shape[0]))
+
+
+def _chunk_words(w_tile, c0: int):
+    """The ``[rows, 16]`` words of the 128-column chunk at word ``c0`` of a step's tile."""
+    if isinstance(w_tile, tuple):  # tiled: find the tile along K that holds it
+        per = w_tile[0].shape[1]
+        w_tile, c0 = w_tile[c0 // per], c0 % per
+    return w_tile[:, c0 : c0 + WGMMA_CHUNK // 8]
+
+
 def dequant_group(w_tile, z_ref, gi: int, g: int, dtype):
     """Group ``gi`` of a weight tile in registers as the exact ``q - z`` in ``dtype``,
-    ``[rows, g]`` in the WGMMA layout. ``w_tile``: ``u4_wgmma`` words (WGMMA_8BIT
-    layout) or ``s4`` codes; ``z_ref``: the tile rows' zero points of that group.
+    ``[rows, g]`` in the WGMMA layout. ``w_tile``: ``u4_wgmma`` words (`load_words`) or
+    ``s4`` codes; ``z_ref``: the tile rows' zero points of that group.
     """
     row = plgpu.Layout.WGMMA.reduce(1)
-    if w_tile.dtype == jnp.uint32:
+    if isinstance(w_tile, tuple) or w_tile.dtype == jnp.uint32:
         zm = plgpu.load(z_ref, layout=row).astype(jnp.float32)
         zm = (zm + _MAGIC[jnp.dtype(dtype)][1]).astype(dtype)
         chunks = []
         for ch in range(g // WGMMA_CHUNK):
-            c0 = (gi * g + ch * WGMMA_CHUNK) // 8
-            words = w_tile[:, c0 : c0 + WGMMA_CHUNK // 8]  # [rows, 16] uint32
+            words = _chunk_words(w_tile, (gi * g + ch * WGMMA_CHUNK) // 8)  # [rows, 16]
             chunks.append(_dequant_wgmma(words, zm, dtype))
         return chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks, axis=1)
     zc = plgpu.load(z_ref, layout=row).astype(jnp.float32) - 8.0
@@ -414,8 +472,10 @@ def prefetch_boxes(w: Int4Weight, split: int, max_bytes: int) -> tuple[PrefetchB
     """The boxes that prefetch ``w`` (the next matmul's ``u4_wgmma`` weight, operands
     ``q_packed, scales_gn, zeros_gn``) into the L2, at most ``max_bytes``: its scales and
     zero points whole, then its codes' K chunks in the order a kernel that splits K
-    ``split`` ways reads them. Empty where the shapes do not cut into TMA boxes."""
-    if w.fmt != "u4_wgmma":
+    ``split`` ways reads them. Empty where the shapes do not cut into TMA boxes, and for
+    tiled weights (the boxes cut the ``[N, K / 8]`` rows order; the prefetch is off on
+    every part, `tuning.DECODE`)."""
+    if w.fmt != "u4_wgmma" or w.tile_n:  # (the boxes cut the rows order)
         return ()
     n, words = w.q_packed.shape
     groups = w.scales_gn.shape[0]
@@ -451,7 +511,9 @@ def _issue_prefetch(refs, boxes: tuple[PrefetchBoxes, ...], cta, num_ctas: int) 
             plgpu.async_prefetch(ref, predicate=b < bx.count)
 
 
-def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, *refs, g, bm, m, steps, depth, cfg, swiglu, prefetch):
+def _kernel(
+    x_gmem, w_gmem, s_gmem, z_gmem, *refs, g, bm, m, steps, depth, cfg, swiglu, prefetch, n, w_tiled
+):
     """``refs``: the prefetched weight's three operands when ``prefetch`` (its boxes) is
     not empty, then the output, then the scratch buffers."""
     n_pf = 3 if prefetch else 0
@@ -473,12 +535,6 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, *refs, g, bm, m, steps, depth, cfg, 
 
     wgmma_fmt = w_gmem.dtype == jnp.uint32
 
-    def load_w(w_smem):
-        """The step's weight tile in registers (u4_wgmma: words as the converter wants)."""
-        if wgmma_fmt:
-            return plgpu.load(w_smem, layout=plgpu.Layout.WGMMA_8BIT)
-        return w_smem[...]
-
     def x_cols(idx, start, size):
         """The x columns of this step's ``[start, start + size)`` in the x block."""
         if cfg.x_resident:
@@ -486,7 +542,7 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, *refs, g, bm, m, steps, depth, cfg, 
         return pl.ds(start, size)
 
     def body(idx, w_smem, x_smem, s_smem, z_smem, acc):
-        w_tile = load_w(w_smem)
+        w_tile = load_words(w_smem)
         for gi in range(bk // g):
             wq = dequant_group(w_tile, z_smem.at[gi], gi, g, dtype)
             if cfg.a_in_smem:
@@ -507,7 +563,7 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, *refs, g, bm, m, steps, depth, cfg, 
         return acc
 
     def body_scaled(acc_ref, idx, w_smem, x_smem, s_smem, z_smem):
-        w_tile = load_w(w_smem)
+        w_tile = load_words(w_smem)
         for gi in range(bk // g):
             s = plgpu.load(s_smem.at[gi], layout=row).astype(dtype)
             wq = dequant_group(w_tile, z_smem.at[gi], gi, g, dtype)
@@ -519,15 +575,14 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, *refs, g, bm, m, steps, depth, cfg, 
             plgpu.wgmma_wait(1)  # the previous chain is done: its registers are free
 
     k0 = ki * steps
-    w_swizzle = swizzle_for(bk // 2)
-    w_block, w_bits = ((bn, bk // 8), 32) if wgmma_fmt else ((bn, bk), 4)
+    w_shape, w_index, w_transforms = w_block(bn, bk, w_tiled, wgmma_fmt)
 
     release = 1 if cfg.scale_in_dequant else 0
     specs = [
         plgpu.BlockSpec(
-            w_block,
-            lambda i: (ni, k0 + i),
-            transforms=tiled(w_swizzle, w_bits),
+            w_shape,
+            lambda i: w_index(ni, k0 + i),
+            transforms=w_transforms,
             delay_release=release,
         ),
         plgpu.BlockSpec(
@@ -561,7 +616,7 @@ def _kernel(x_gmem, w_gmem, s_gmem, z_gmem, *refs, g, bm, m, steps, depth, cfg, 
         )(w_gmem, x_gmem, s_gmem, z_gmem)
     if prefetch:  # after its own stream: the bytes move while the CTAs still running
         # finish and while the small kernels after this one leave the memory idle
-        n_tiles, m_tiles = w_gmem.shape[0] // bn, -(-m // bm)
+        n_tiles, m_tiles = n // bn, -(-m // bm)
         cta = ni + n_tiles * (ki + cfg.split_k * mi)
         _issue_prefetch(pf_refs, prefetch, cta, n_tiles * cfg.split_k * m_tiles)
     if not cfg.cluster_reduce and cfg.a_in_smem:
@@ -661,7 +716,17 @@ def int4_matmul_mosaic(
         boxes = prefetch_boxes(prefetch, prefetch_split, prefetch_bytes)
     pf_operands = (prefetch.q_packed, prefetch.scales_gn, prefetch.zeros_gn) if boxes else ()
     body = functools.partial(
-        _kernel, g=g, bm=bm, m=m, steps=steps, depth=depth, cfg=cfg, swiglu=swiglu, prefetch=boxes
+        _kernel,
+        g=g,
+        bm=bm,
+        m=m,
+        steps=steps,
+        depth=depth,
+        cfg=cfg,
+        swiglu=swiglu,
+        prefetch=boxes,
+        n=w.n,
+        w_tiled=bool(w.tile_n),
     )
     interpret_params = plgpu.InterpretGPUParams() if interpret else None
     x = x_mk if m <= 8 or m % 8 == 0 else jnp.pad(x_mk, ((0, -m % 8), (0, 0)))

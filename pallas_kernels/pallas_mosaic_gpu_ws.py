@@ -38,8 +38,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.layout import WGMMA_CHUNK, Int4Weight
-from pallas_kernels.pallas_mosaic_gpu import dequant_group, swizzle_for, tiled
+from pallas_kernels.layout import WGMMA_CHUNK, WGMMA_TILE_N, Int4Weight
+from pallas_kernels.pallas_mosaic_gpu import (
+    dequant_group,
+    load_words,
+    swizzle_for,
+    tiled,
+    w_block,
+)
 
 # Consumer warpgroups per CTA and the registers left to the TMA warpgroup.
 _CONSUMERS = 2
@@ -112,6 +118,10 @@ def check_supported(m: int, w: Int4Weight, dtype: jnp.dtype, cfg: Config) -> Non
         problems.append(f"the weight must be in the 's4' or 'u4_wgmma' format, not {w.fmt!r}")
     if w.fmt == "u4_wgmma" and cfg.block_k % WGMMA_CHUNK:
         problems.append(f"u4_wgmma needs block_k a multiple of {WGMMA_CHUNK}")
+    if w.fmt == "u4_wgmma" and w.tile_n and WGMMA_TILE_N % (_CONSUMERS * cfg.block_n):
+        problems.append(
+            f"a tiled u4_wgmma weight needs {_CONSUMERS} x block_n dividing {WGMMA_TILE_N}"
+        )
     if dtype not in (jnp.bfloat16, jnp.float16):
         problems.append(f"activations must be bf16 or f16, got {dtype}")
     if g % 64 or cfg.block_k % g or w.k % (cfg.split_k * cfg.block_k):
@@ -142,7 +152,20 @@ def _tile_of(t, n_tiles: int, m_tiles: int, group_m: int):
 
 
 def _kernel(
-    x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, o_smem, *, g, steps, depth, n_tiles, m_tiles, cfg
+    x_gmem,
+    w_gmem,
+    s_gmem,
+    z_gmem,
+    o_gmem,
+    o_smem,
+    *,
+    g,
+    steps,
+    depth,
+    n_tiles,
+    m_tiles,
+    cfg,
+    w_tiled,
 ):
     bn, bm, bk = cfg.block_n, cfg.block_m, cfg.block_k
     dtype = x_gmem.dtype
@@ -155,17 +178,14 @@ def _kernel(
         ki = t // (n_tiles * m_tiles)
         ni, mi = _tile_of(t % (n_tiles * m_tiles), n_tiles, m_tiles, cfg.group_m)
         k0 = ki * steps
-        w_block = (_CONSUMERS * bn, bk // 8) if wgmma_fmt else (_CONSUMERS * bn, bk)
-        w_bits = 32 if wgmma_fmt else 4
+        w_shape, w_index, w_transforms = w_block(_CONSUMERS * bn, bk, w_tiled, wgmma_fmt)
         sz = (bk // g, _CONSUMERS * bn)
         return (ki, ni, mi), plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(steps,),
             memory_registers=_MEMORY_REGISTERS,
             in_specs=[
-                plgpu.BlockSpec(
-                    w_block, lambda k: (ni, k0 + k), transforms=tiled(swizzle_for(bk // 2), w_bits)
-                ),
+                plgpu.BlockSpec(w_shape, lambda k: w_index(ni, k0 + k), transforms=w_transforms),
                 plgpu.BlockSpec((bm, bk), lambda k: (mi, k0 + k), transforms=tiled(128, 16)),
                 plgpu.BlockSpec(sz, lambda k: (k0 + k, ni)),
                 plgpu.BlockSpec(sz, lambda k: (k0 + k, ni)),
@@ -179,8 +199,7 @@ def _kernel(
     def body(_, w_smem, x_smem, s_smem, z_smem, acc_ref):
         wg = lax.axis_index("wg")
         rows = pl.ds(wg * bn, bn)
-        w_rows = w_smem.at[rows]
-        w_tile = plgpu.load(w_rows, layout=plgpu.Layout.WGMMA_8BIT) if wgmma_fmt else w_rows[...]
+        w_tile = load_words(w_smem, rows)
         for gi in range(bk // g):
             s = plgpu.load(s_smem.at[gi, rows], layout=row).astype(dtype)
             wq = dequant_group(w_tile, z_smem.at[gi, rows], gi, g, dtype)
@@ -275,7 +294,14 @@ def int4_matmul_mosaic_ws(
     tiles = cfg.split_k * n_tiles * m_tiles
     kernel = plgpu.kernel(
         functools.partial(
-            _kernel, g=g, steps=steps, depth=depth, n_tiles=n_tiles, m_tiles=m_tiles, cfg=cfg
+            _kernel,
+            g=g,
+            steps=steps,
+            depth=depth,
+            n_tiles=n_tiles,
+            m_tiles=m_tiles,
+            cfg=cfg,
+            w_tiled=bool(w.tile_n),
         ),
         out_type=out_type,
         grid=(min(tiles, _num_sms()) if cfg.persistent else tiles,),

@@ -56,7 +56,7 @@ def _dequantize_stored_wgmma(w: Int4Weight, dtype: jnp.dtype) -> jax.Array:
 
     A group is a whole number of 128-wide chunks, so a stored column keeps its group.
     """
-    q = stored_codes_wgmma(w.q_packed).astype(jnp.float32)
+    q = stored_codes_wgmma(w.words_nk8).astype(jnp.float32)
     q = q.reshape(w.n, w.num_groups, w.group_size)
     z = w.zeros_gn.T.astype(jnp.float32)[:, :, None]
     s = w.scales_gn.T.astype(jnp.float32)[:, :, None]

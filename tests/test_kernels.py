@@ -90,6 +90,7 @@ class _Int4MatmulCases:
     # (M, K, N, group_size); subclasses may override with larger shapes.
     SHAPES: ClassVar = [(1, 256, 64, 64), (3, 256, 128, 32), (16, 512, 64, 128), (17, 256, 64, 64)]
     FMT: ClassVar[str | None] = None  # the weight format (None: prepare_weight's default)
+    TILE_N: ClassVar[int | None] = None  # its tile_n (None: prepare_weight's default)
 
     def matmul(self, x: jax.Array, w: Int4Weight) -> jax.Array:
         raise NotImplementedError
@@ -101,7 +102,7 @@ class _Int4MatmulCases:
         if self.FMT == "u4_wgmma" and gs % layout.WGMMA_CHUNK:
             pytest.skip("the u4_wgmma layout is for group sizes that are multiples of 128")
         rng = np.random.default_rng(1000 * shape_idx + (dtype == jnp.float16))
-        w, w_kn = random_weight(rng, k, n, gs, fmt=self.FMT)
+        w, w_kn = random_weight(rng, k, n, gs, tile_n=self.TILE_N, fmt=self.FMT)
         x = rng.standard_normal((m, k)).astype(np.float32)
         out = self.matmul(jnp.asarray(x, dtype), w)
         assert out.shape == (m, n) and out.dtype == dtype
@@ -264,11 +265,36 @@ class TestMosaicInterpret(_Int4MatmulCases):
             text = fn.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
             assert "mosaic_gpu" in text
 
+    @pytest.mark.parametrize(
+        "m, cfg, kw",
+        [
+            (1, dict(split_k=4), {"partial_sums": True}),
+            (1, dict(cluster_reduce=True), {"epilogue": "swiglu"}),
+            (16, dict(block_k=128, split_k=2), {}),
+            (8, dict(block_k=512, split_k=2, cluster_reduce=True), {}),
+            (3, dict(block_n=128, split_k=2), {}),
+        ],
+    )
+    def test_tiled_weights_lower_for_the_gpu(self, m, cfg, kw) -> None:
+        """The decode kernel on a tiled u4_wgmma weight (128 x 256 tiles) lowers with half a
+        tile, one or two tiles per step, 64 or 128 rows per CTA; 256 rows are refused."""
+        w, _ = random_weight(np.random.default_rng(2), 1024, 256, 128, fmt="u4_wgmma")
+        assert w.tile_n == 128 and w.q_packed.shape == (2, 4, 128, 32)
+        config = pallas_mosaic_gpu.Config(**{"block_n": 64, **cfg})
+        fn = jax.jit(lambda x, w: pallas_mosaic_gpu.int4_matmul_mosaic(x, w, config=config, **kw))
+        x = jax.ShapeDtypeStruct((m, 1024), jnp.bfloat16)
+        assert "mosaic_gpu" in fn.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+        with pytest.raises(NotImplementedError, match="tiled"):
+            pallas_mosaic_gpu.int4_matmul_mosaic(
+                jnp.ones((1, 1024), jnp.bfloat16), w, config=pallas_mosaic_gpu.Config(block_n=256)
+            )
+
     def test_prefetch_lowers_for_the_gpu(self) -> None:
         """A kernel that prefetches the next weight lowers, split or clustered, with the
         L2 prefetch instruction in it (and none without a prefetch)."""
         w, _ = random_weight(np.random.default_rng(2), 1024, 512, 128, fmt="u4_wgmma")
-        nxt, _ = random_weight(np.random.default_rng(3), 512, 1024, 128, fmt="u4_wgmma")
+        # (the prefetch cuts the rows order: a tiled next weight is not prefetched)
+        nxt, _ = random_weight(np.random.default_rng(3), 512, 1024, 128, tile_n=0, fmt="u4_wgmma")
         cfgs = (
             pallas_mosaic_gpu.Config(block_n=64, split_k=4),
             pallas_mosaic_gpu.Config(block_n=64, split_k=2, cluster_reduce=True),
@@ -288,7 +314,9 @@ class TestMosaicInterpret(_Int4MatmulCases):
         """Uncapped, the boxes tile every operand exactly once; capped, they stay within
         the bytes, keep the scales and zero points whole and take the codes' K chunks
         by position within the next kernel's splits."""
-        w, _ = random_weight(np.random.default_rng(4), 4096, 512, 128, fmt="u4_wgmma")
+        tiled, _ = random_weight(np.random.default_rng(4), 4096, 512, 128, fmt="u4_wgmma")
+        assert pallas_mosaic_gpu.prefetch_boxes(tiled, split=4, max_bytes=1 << 30) == ()
+        w, _ = random_weight(np.random.default_rng(4), 4096, 512, 128, tile_n=0, fmt="u4_wgmma")
         operands = (w.q_packed, w.scales_gn, w.zeros_gn)
 
         def covered(boxes):
@@ -316,13 +344,15 @@ class TestMosaicInterpret(_Int4MatmulCases):
 
     def test_many_token_kernel_lowers_for_the_gpu(self) -> None:
         """The warp-specialized kernel (3 warpgroups, transposed epilogue) lowers too."""
-        for fmt, m, cfg in (
-            ("u4_wgmma", 300, pallas_mosaic_gpu_ws.Config(group_m=2)),
-            ("s4", 40, pallas_mosaic_gpu_ws.Config(block_n=64, block_m=40)),
-            ("u4_wgmma", 200, pallas_mosaic_gpu_ws.Config(block_n=64, split_k=4)),
-            ("u4_wgmma", 300, pallas_mosaic_gpu_ws.Config(persistent=True)),
+        for fmt, tile_n, m, cfg in (
+            ("u4_wgmma", 0, 300, pallas_mosaic_gpu_ws.Config(group_m=2)),
+            ("u4_wgmma", 128, 300, pallas_mosaic_gpu_ws.Config(block_n=64, group_m=2)),
+            ("s4", None, 40, pallas_mosaic_gpu_ws.Config(block_n=64, block_m=40)),
+            ("u4_wgmma", 128, 200, pallas_mosaic_gpu_ws.Config(block_n=64, split_k=4)),
+            ("u4_wgmma", 128, 300, pallas_mosaic_gpu_ws.Config(block_n=64, block_k=256)),
+            ("u4_wgmma", 0, 300, pallas_mosaic_gpu_ws.Config(persistent=True)),
         ):
-            w, _ = random_weight(np.random.default_rng(3), 1024, 512, 128, fmt=fmt)
+            w, _ = random_weight(np.random.default_rng(3), 1024, 512, 128, tile_n, fmt=fmt)
             x = jax.ShapeDtypeStruct((m, 1024), jnp.bfloat16)
             fn = jax.jit(
                 lambda x, w, cfg=cfg: pallas_mosaic_gpu_ws.int4_matmul_mosaic_ws(x, w, config=cfg)
@@ -394,13 +424,18 @@ class TestGpu(_Int4MatmulCases):
         (100, 4096, 512, 128),
     ]
 
-    # (implementation, weight format, Mosaic config or None)
+    # (implementation, weight format, Mosaic config or None); "u4_wgmma" is tiled where the
+    # shape allows (prepare_weight's default), "u4_wgmma:rows" in the [N, K / 8] order
     VARIANTS: ClassVar = [
         ("triton", "u4_split", None),
         ("mosaic", "s4", None),
         ("mosaic", "s4", pallas_mosaic_gpu.Config(block_n=64, block_k=128, a_in_smem=True)),
         ("mosaic", "u4_wgmma", None),
-        ("mosaic", "u4_wgmma", pallas_mosaic_gpu.Config(block_n=128, scale_in_dequant=True)),
+        ("mosaic", "u4_wgmma:rows", None),
+        ("mosaic", "u4_wgmma:rows", pallas_mosaic_gpu.Config(block_n=128, scale_in_dequant=True)),
+        # tiled weights: half a tile per step, two tiles per step
+        ("mosaic", "u4_wgmma", pallas_mosaic_gpu.Config(block_n=64, block_k=128, split_k=2)),
+        ("mosaic", "u4_wgmma", pallas_mosaic_gpu.Config(block_n=64, block_k=512)),
         # the in-kernel epilogue: one CTA per row tile, and a cluster of 4 / 2 along K
         ("mosaic", "u4_wgmma", pallas_mosaic_gpu.Config(block_n=64, cluster_reduce=True)),
         (
@@ -423,7 +458,9 @@ class TestGpu(_Int4MatmulCases):
 
     @pytest.fixture(autouse=True)
     def _bind(self, variant):
-        self._impl, self.FMT, self._cfg = variant
+        self._impl, fmt, self._cfg = variant
+        self.FMT, _, order = fmt.partition(":")
+        self.TILE_N = 0 if order == "rows" else None
 
     def matmul(self, x, w):
         if self._cfg is not None:
@@ -506,7 +543,7 @@ class TestGpuEpilogues:
         """Prefetching the next weight (whole, and capped) gives bitwise the same output."""
         rng = np.random.default_rng(200 + m)
         w, w_kn = random_weight(rng, 2048, 512, 128, fmt="u4_wgmma")
-        nxt, _ = random_weight(rng, 512, 2048, 128, fmt="u4_wgmma")
+        nxt, _ = random_weight(rng, 512, 2048, 128, tile_n=0, fmt="u4_wgmma")
         x = jnp.asarray(rng.standard_normal((m, 2048)), jnp.bfloat16)
 
         def run(nbytes):
@@ -533,8 +570,10 @@ class TestGpuManyTokens(_Int4MatmulCases):
         (1000, 4096, 512, 128),
         (40, 512, 256, 64),
     ]
-    VARIANTS: ClassVar = [
-        ("u4_wgmma", pallas_mosaic_gpu_ws.Config()),
+    VARIANTS: ClassVar = [  # "u4_wgmma" tiled where the shape allows, ":rows" not
+        ("u4_wgmma:rows", pallas_mosaic_gpu_ws.Config()),
+        ("u4_wgmma", pallas_mosaic_gpu_ws.Config(block_n=64)),
+        ("u4_wgmma", pallas_mosaic_gpu_ws.Config(block_n=64, block_k=256)),
         ("u4_wgmma", pallas_mosaic_gpu_ws.Config(block_n=64, block_m=256, group_m=3)),
         ("s4", pallas_mosaic_gpu_ws.Config(block_n=64, block_m=64)),
         ("s4", pallas_mosaic_gpu_ws.Config(block_n=128, block_m=40, block_k=256)),
@@ -549,7 +588,9 @@ class TestGpuManyTokens(_Int4MatmulCases):
 
     @pytest.fixture(autouse=True)
     def _bind(self, variant):
-        self.FMT, self._cfg = variant
+        fmt, self._cfg = variant
+        self.FMT, _, order = fmt.partition(":")
+        self.TILE_N = 0 if order == "rows" else None
 
     def matmul(self, x, w):
         try:
@@ -628,7 +669,20 @@ class TestLayoutAndApi:
             np.testing.assert_array_equal(w.codes_nk(), q.T)
         np.testing.assert_array_equal(ws["s4"].q_nk2, ws["u4_split"].q_nk2)
         assert ws["u4_wgmma"].q_packed.dtype == jnp.uint32
-        assert ws["u4_wgmma"].q_packed.shape == (64, 32)
+        assert ws["u4_wgmma"].tile_n == 0 and ws["u4_wgmma"].q_packed.shape == (64, 32)
+        # N = 64 does not cut into 128-row tiles; 256 does
+        with pytest.raises(ValueError, match="tiled"):
+            prepare_weight(jnp.asarray(q), ones, zeros, group_size=128, fmt="u4_wgmma", tile_n=128)
+        q2 = np.concatenate([q] * 4, axis=1)
+        ones2, zeros2 = jnp.ones((2, 256), jnp.float16), jnp.zeros((2, 256), jnp.uint8)
+        tiled = prepare_weight(jnp.asarray(q2), ones2, zeros2, group_size=128, fmt="u4_wgmma")
+        assert tiled.tile_n == 128 and tiled.q_packed.shape == (2, 1, 128, 32)
+        rows = prepare_weight(
+            jnp.asarray(q2), ones2, zeros2, group_size=128, fmt="u4_wgmma", tile_n=0
+        )
+        assert rows.q_packed.shape == (256, 32)
+        np.testing.assert_array_equal(tiled.words_nk8, rows.q_packed)
+        np.testing.assert_array_equal(tiled.codes_nk(), q2.T)
         with pytest.raises(ValueError, match="fmt"):
             prepare_weight(jnp.asarray(q), ones, zeros, group_size=128, fmt="u8")
         with pytest.raises(ValueError, match="128"):
