@@ -7,13 +7,14 @@ matrices. This times, on each layer shape, with the bench's method (CUPTI, rotat
 weight sets past the L2) and the grid, K split, step size and pipeline depth dispatch
 uses for M = 1:
 
-* ``bf16`` and ``auto`` (dispatch), and dispatch's config with the changes
+* ``bf16`` and ``auto`` (dispatch, on `prepare_weight`'s default layout: the contiguous
+  128 x 256 tiles since run 101), and dispatch's config with the changes
   ``--variants`` names (default ``scale_in_dequant``: one accumulator over K, chains
   overlapped) and the warp-specialized kernel with those ``--ws-variants`` names (on
   dispatch's config of that kernel above 16 tokens, else 64 rows per consumer and 8 or
   16 tokens per CTA), all checked against the f32 reference, at ``--ms`` (1 and 16);
 * ``load``: the same ``emit_pipeline`` of TMA copies with an empty body, i.e. the
-  memory ceiling of the kernel's access pattern: ``rows`` (today's ``[N, K/8]`` words:
+  memory ceiling of the kernel's access pattern: ``rows`` (the ``[N, K/8]`` words order:
   each step reads 64 rows of ``block_k / 2`` bytes at a ``K / 2`` stride) against
   ``tiles`` (``[N/64, K/block_k, 64, block_k/8]``: each step one contiguous run), the
   weight alone (``w``) or with the x, scale and zero-point copies of every step

@@ -1,6 +1,6 @@
-"""A/B of the u4_wgmma weight's order: ``[N, K / 8]`` rows against contiguous 64 x 256
-tiles (``[N / 64, K / 256, 64, 32]``, layout.py; docs/kernels.md "Contiguous weight
-tiles"). The same codes in both orders; outputs compared bitwise.
+"""A/B of the u4_wgmma weight's order: ``[N, K / 8]`` rows against contiguous 128 x 256
+tiles (``[N / 128, K / 256, 128, 32]``, layout.py; docs/kernels.md "Contiguous weight
+tiles (run 101)"). The same codes in both orders; outputs compared bitwise.
 
     PYTHONPATH=$PWD python3 docs/benchmarks/tiles/ab_tiles.py kernels    # ~2 min on an H100
     PYTHONPATH=$PWD python3 docs/benchmarks/tiles/ab_tiles.py model rows,tiles,rows,tiles
