@@ -40,13 +40,7 @@ def rows(w: Int4Weight) -> Int4Weight:
     """The same weight in the ``[N, K / 8]`` rows order."""
     if not w.tile_n:
         return w
-    return dataclasses.replace(
-        w,
-        q_packed=untile_wgmma(w.q_packed),
-        scales_gn=w.plain_scales,
-        zeros_gn=w.plain_zeros,
-        tile_n=0,
-    )
+    return dataclasses.replace(w, q_packed=untile_wgmma(w.q_packed), tile_n=0)
 
 
 def model_call(name: str, m: int):
@@ -57,16 +51,14 @@ def model_call(name: str, m: int):
     return lambda x, w: api.int4_matmul(x, w, partial_sums=True)
 
 
-def kernels(order_names=("rows", "tiles"), ms=(1, 16, 128, 2048)) -> None:
+def kernels() -> None:
     recs = []
     for si, (name, (k, n)) in enumerate(SHAPES.items()):
         prob = bench.make_problem(k, n, 128, seed=si, fmts=("u4_wgmma",))
         tiles = prob.w4["u4_wgmma"]
         assert tiles[0].tile_n == 128, tiles[0].tile_n
-        orders = {"tiles": tiles} if order_names == ("tiles",) else {}
-        if not orders:
-            orders = {"rows": [rows(w) for w in tiles], "tiles": tiles}
-        for m in ms:
+        orders = {"rows": [rows(w) for w in tiles], "tiles": tiles}
+        for m in (1, 16, 128, 2048):
             xs = bench.make_xs(m, k, 4, si)
             ref = jnp.dot(xs[0].astype(jnp.float32), prob.ref_w_nk.T, precision="highest")
             outs = {}
@@ -79,14 +71,12 @@ def kernels(order_names=("rows", "tiles"), ms=(1, 16, 128, 2048)) -> None:
                 rec["rel_err"] = err
                 recs.append(rec)
                 print(f"{name} {k}x{n} M={m} {order}: {us:.2f} us, rel_err {err:.2e}", flush=True)
-            if len(outs) == 2:
-                same = bool(np.array_equal(outs["rows"], outs["tiles"]))
-                recs[-1]["same_as_rows"] = recs[-2]["same_as_rows"] = same
-                print(f"  tiles == rows bitwise: {same}", flush=True)
+            same = bool(np.array_equal(outs["rows"], outs["tiles"]))
+            recs[-1]["same_as_rows"] = recs[-2]["same_as_rows"] = same
+            print(f"  tiles == rows bitwise: {same}", flush=True)
         del prob, tiles, orders
     (OUT / "ab_tiles_kernels.json").write_text(json.dumps(recs, indent=1))
-    if len(order_names) == 1:
-        return print("\n| layer | K x N | M | rows us | tiles us | tiles / rows | bitwise |")
+    print("\n| layer | K x N | M | rows us | tiles us | tiles / rows | bitwise |")
     print("|---|---|---:|---:|---:|---:|---|")
     for a, b in zip(recs[::2], recs[1::2], strict=True):
         print(
@@ -137,13 +127,6 @@ def model(names: list[str]) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "kernels":
-        # kernels [ORDERS [MS]]: e.g. "kernels tiles 1,16"
-        names = tuple(sys.argv[2].split(",")) if len(sys.argv) > 2 else ("rows", "tiles")
-        ms = (
-            tuple(int(v) for v in sys.argv[3].split(","))
-            if len(sys.argv) > 3
-            else (1, 16, 128, 2048)
-        )
-        kernels(names, ms)
+        kernels()
     else:
         model(sys.argv[2].split(","))
