@@ -463,7 +463,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--out-dir", default="docs/benchmarks")
     ap.add_argument(
-        "--tile-n", type=int, default=None, help="weight layout tile (0 = plain [N, K/2])"
+        "--tile-n",
+        type=int,
+        default=None,
+        help="weight layout tile: 0 = the plain order; u4_split any N divisor, u4_wgmma 128 "
+        "(default: prepare_weight's choice)",
     )
     ap.add_argument(
         "--sweep",
