@@ -171,8 +171,7 @@ def check_supported(m: int, w: Int4Weight, dtype: jnp.dtype, cfg: Config) -> Non
         problems.append(f"the weight must be in the 's4' or 'u4_wgmma' format, not {w.fmt!r}")
     if w.fmt == "u4_wgmma" and (cfg.block_k % WGMMA_CHUNK or cfg.a_in_smem):
         problems.append(f"u4_wgmma needs block_k a multiple of {WGMMA_CHUNK} and no a_in_smem")
-    if w.fmt == "u4_wgmma" and w.tile_n and WGMMA_TILE_N % cfg.block_n:
-        problems.append(f"a tiled u4_wgmma weight needs block_n dividing {WGMMA_TILE_N}")
+    problems += tiled_problems(w, cfg.block_n, cfg.block_k)
     if dtype not in (jnp.bfloat16, jnp.float16):
         problems.append(f"activations must be bf16 or f16, got {dtype}")
     if g % 32 or g > cfg.block_k or cfg.block_k % g or cfg.block_k < 64:
@@ -252,17 +251,31 @@ def _dequant_wgmma(words, zm, dtype, ops: str = "full"):
     return convert(words, zm)
 
 
-def w_block(rows: int, bk: int, w_tiled: bool, wgmma_fmt: bool) -> tuple:
+def tiled_problems(w: Int4Weight, rows: int, bk: int) -> list[str]:
+    """Why a CTA of ``rows`` weight rows with steps of ``bk`` K rows cannot read ``w``'s
+    tiles (`w_block`), if it is a tiled ``u4_wgmma`` weight: empty where it can."""
+    if w.fmt != "u4_wgmma" or not w.tile_n:
+        return []
+    if WGMMA_TILE_N % rows or (bk % WGMMA_TILE_K and WGMMA_TILE_K % bk):
+        return [
+            f"a tiled u4_wgmma weight needs a CTA's rows ({rows}) dividing {WGMMA_TILE_N} "
+            f"and block_k ({bk}) dividing {WGMMA_TILE_K} or a multiple of it"
+        ]
+    return []
+
+
+def w_block(rows: int, bk: int, w_gmem) -> tuple:
     """(block shape, index map of step ``(ni, kk)`` -> block index, TMA transforms) of
     the weight's pipeline copy: ``rows`` weight rows (row block ``ni``) by ``bk`` K rows
-    (step ``kk``).
+    (step ``kk``) of ``w_gmem`` (``q_packed``; `tiled_problems` says what fits).
 
     Rows order: a ``[rows, bk / 8]`` box of the ``[N, K / 8]`` words (``s4``: ``[rows,
-    bk]`` codes). Tiled (``[N / 128, K / 256, 128, 32]``, ``rows`` dividing 128): the
-    rows of one tile at one step, ``[rows, bk / 8]`` in shared memory as in the rows
-    order; ``[bk / 256, rows, 32]`` where a step spans several tiles along K.
+    bk]`` codes). Tiled (``[N / 128, K / 256, 128, 32]``): the rows of one tile at one
+    step, ``[rows, bk / 8]`` in shared memory as in the rows order; ``[bk / 256, rows,
+    32]`` where a step spans several tiles along K.
     """
-    if not w_tiled:
+    wgmma_fmt = w_gmem.dtype == jnp.uint32
+    if len(w_gmem.shape) == 2:  # the rows order (u4_wgmma or s4)
         block = (rows, bk // 8) if wgmma_fmt else (rows, bk)
         bits = 32 if wgmma_fmt else 4
         return block, lambda ni, kk: (ni, kk), tiled_transforms(bk // 2, bits)
@@ -475,7 +488,7 @@ def prefetch_boxes(w: Int4Weight, split: int, max_bytes: int) -> tuple[PrefetchB
     ``split`` ways reads them. Empty where the shapes do not cut into TMA boxes, and for
     tiled weights (the boxes cut the ``[N, K / 8]`` rows order; the prefetch is off on
     every part, `tuning.DECODE`)."""
-    if w.fmt != "u4_wgmma" or w.tile_n:  # (the boxes cut the rows order)
+    if w.fmt != "u4_wgmma" or w.tile_n:
         return ()
     n, words = w.q_packed.shape
     groups = w.scales_gn.shape[0]
@@ -512,7 +525,7 @@ def _issue_prefetch(refs, boxes: tuple[PrefetchBoxes, ...], cta, num_ctas: int) 
 
 
 def _kernel(
-    x_gmem, w_gmem, s_gmem, z_gmem, *refs, g, bm, m, steps, depth, cfg, swiglu, prefetch, n, w_tiled
+    x_gmem, w_gmem, s_gmem, z_gmem, *refs, g, bm, m, steps, depth, cfg, swiglu, prefetch, n
 ):
     """``refs``: the prefetched weight's three operands when ``prefetch`` (its boxes) is
     not empty, then the output, then the scratch buffers."""
@@ -532,8 +545,6 @@ def _kernel(
     x_swizzle = swizzle_for(min(g, 64) * 2)  # an x slice per wgmma = one swizzle row
     x_elems = x_swizzle // 2
     row = plgpu.Layout.WGMMA.reduce(1)  # one value per accumulator row (weight row)
-
-    wgmma_fmt = w_gmem.dtype == jnp.uint32
 
     def x_cols(idx, start, size):
         """The x columns of this step's ``[start, start + size)`` in the x block."""
@@ -575,7 +586,7 @@ def _kernel(
             plgpu.wgmma_wait(1)  # the previous chain is done: its registers are free
 
     k0 = ki * steps
-    w_shape, w_index, w_transforms = w_block(bn, bk, w_tiled, wgmma_fmt)
+    w_shape, w_index, w_transforms = w_block(bn, bk, w_gmem)
 
     release = 1 if cfg.scale_in_dequant else 0
     specs = [
@@ -726,7 +737,6 @@ def int4_matmul_mosaic(
         swiglu=swiglu,
         prefetch=boxes,
         n=w.n,
-        w_tiled=bool(w.tile_n),
     )
     interpret_params = plgpu.InterpretGPUParams() if interpret else None
     x = x_mk if m <= 8 or m % 8 == 0 else jnp.pad(x_mk, ((0, -m % 8), (0, 0)))

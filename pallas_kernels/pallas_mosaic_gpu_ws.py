@@ -38,12 +38,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.layout import WGMMA_CHUNK, WGMMA_TILE_N, Int4Weight
+from pallas_kernels.layout import WGMMA_CHUNK, Int4Weight
 from pallas_kernels.pallas_mosaic_gpu import (
     dequant_group,
     load_words,
     swizzle_for,
     tiled,
+    tiled_problems,
     w_block,
 )
 
@@ -118,10 +119,7 @@ def check_supported(m: int, w: Int4Weight, dtype: jnp.dtype, cfg: Config) -> Non
         problems.append(f"the weight must be in the 's4' or 'u4_wgmma' format, not {w.fmt!r}")
     if w.fmt == "u4_wgmma" and cfg.block_k % WGMMA_CHUNK:
         problems.append(f"u4_wgmma needs block_k a multiple of {WGMMA_CHUNK}")
-    if w.fmt == "u4_wgmma" and w.tile_n and WGMMA_TILE_N % (_CONSUMERS * cfg.block_n):
-        problems.append(
-            f"a tiled u4_wgmma weight needs {_CONSUMERS} x block_n dividing {WGMMA_TILE_N}"
-        )
+    problems += tiled_problems(w, _CONSUMERS * cfg.block_n, cfg.block_k)
     if dtype not in (jnp.bfloat16, jnp.float16):
         problems.append(f"activations must be bf16 or f16, got {dtype}")
     if g % 64 or cfg.block_k % g or w.k % (cfg.split_k * cfg.block_k):
@@ -165,12 +163,10 @@ def _kernel(
     n_tiles,
     m_tiles,
     cfg,
-    w_tiled,
 ):
     bn, bm, bk = cfg.block_n, cfg.block_m, cfg.block_k
     dtype = x_gmem.dtype
     row = plgpu.Layout.WGMMA.reduce(1)
-    wgmma_fmt = w_gmem.dtype == jnp.uint32
     x_elems = 64  # x columns per wgmma: one 128-byte swizzle row
 
     def pipeline_for(t, body, compute):
@@ -178,7 +174,7 @@ def _kernel(
         ki = t // (n_tiles * m_tiles)
         ni, mi = _tile_of(t % (n_tiles * m_tiles), n_tiles, m_tiles, cfg.group_m)
         k0 = ki * steps
-        w_shape, w_index, w_transforms = w_block(_CONSUMERS * bn, bk, w_tiled, wgmma_fmt)
+        w_shape, w_index, w_transforms = w_block(_CONSUMERS * bn, bk, w_gmem)
         sz = (bk // g, _CONSUMERS * bn)
         return (ki, ni, mi), plgpu.emit_pipeline_warp_specialized(
             body,
@@ -301,7 +297,6 @@ def int4_matmul_mosaic_ws(
             n_tiles=n_tiles,
             m_tiles=m_tiles,
             cfg=cfg,
-            w_tiled=bool(w.tile_n),
         ),
         out_type=out_type,
         grid=(min(tiles, _num_sms()) if cfg.persistent else tiles,),

@@ -288,6 +288,21 @@ class TestMosaicInterpret(_Int4MatmulCases):
             pallas_mosaic_gpu.int4_matmul_mosaic(
                 jnp.ones((1, 1024), jnp.bfloat16), w, config=pallas_mosaic_gpu.Config(block_n=256)
             )
+        # steps of 384 K rows would straddle the 256-row tiles
+        w3, _ = random_weight(np.random.default_rng(3), 1536, 256, 128, fmt="u4_wgmma")
+        assert w3.tile_n == 128
+        with pytest.raises(NotImplementedError, match="tiled u4_wgmma .* block_k"):
+            pallas_mosaic_gpu.int4_matmul_mosaic(
+                jnp.ones((1, 1536), jnp.bfloat16),
+                w3,
+                config=pallas_mosaic_gpu.Config(block_n=64, block_k=384),
+            )
+        with pytest.raises(NotImplementedError, match="tiled u4_wgmma .* block_k"):
+            pallas_mosaic_gpu_ws.int4_matmul_mosaic_ws(
+                jnp.ones((64, 1536), jnp.bfloat16),
+                w3,
+                config=pallas_mosaic_gpu_ws.Config(block_n=64, block_k=384),
+            )
 
     def test_prefetch_lowers_for_the_gpu(self) -> None:
         """A kernel that prefetches the next weight lowers, split or clustered, with the

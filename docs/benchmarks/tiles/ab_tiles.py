@@ -3,7 +3,7 @@ tiles (``[N / 128, K / 256, 128, 32]``, layout.py; docs/kernels.md "Contiguous w
 tiles (run 101)"). The same codes in both orders; outputs compared bitwise.
 
     PYTHONPATH=$PWD python3 docs/benchmarks/tiles/ab_tiles.py kernels    # ~2 min on an H100
-    PYTHONPATH=$PWD python3 docs/benchmarks/tiles/ab_tiles.py model rows,tiles,rows,tiles
+    PYTHONPATH=$PWD python3 docs/benchmarks/tiles/ab_tiles.py model tiles,rows,tiles,rows
 
 ``kernels``: the 8B layer shapes at M = 1 and 16 as the decode step calls them (qkv,
 o_proj and down_proj with ``partial_sums``, gate_up with the SwiGLU epilogue) and at
