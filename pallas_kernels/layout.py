@@ -23,6 +23,8 @@ f16 scales and zero points; they differ in the order of the codes. The Triton ke
   reads ``bn`` consecutive scales of one group in one coalesced load.
 * ``zeros_gn``: ``float16 [K // group_size, N]`` the integer zero point ``z`` (0..15)
   as a float, exact in f16, so kernels can fold it without an int conversion.
+  (A tiled ``u4_wgmma`` weight holds both tiled like its codes: ``[N / 128, K / 256,
+  256 / G, 128]``; `Int4Weight.plain_scales` and `plain_zeros` give ``[K // G, N]``.)
 
 * Signed (``fmt="s4"``, the Mosaic GPU backend's layout): ``q_packed`` is a plain
   ``jnp.int4 [N, K]`` array holding ``q - 8`` (XLA packs two per byte, element ``2i`` in
@@ -84,8 +86,9 @@ class Int4Weight:
     # u4_split: uint8 [N/tile_n, K/G, tile_n, G/2] (tiled) or [N, K/2]; s4: int4 [N, K];
     # u4_wgmma: uint32 [N/128, K/256, 128, 32] (tiled) or [N, K/8]
     q_packed: jax.Array
-    scales_gn: jax.Array  # float16 [K // group_size, N]
-    zeros_gn: jax.Array  # float16 [K // group_size, N], integer zero points 0..15
+    # float16 [K // group_size, N]; tiled u4_wgmma: [N/128, K/256, 256/group_size, 128]
+    scales_gn: jax.Array
+    zeros_gn: jax.Array  # the same shape: integer zero points 0..15
     k: int = dataclasses.field(metadata=dict(static=True))
     n: int = dataclasses.field(metadata=dict(static=True))
     group_size: int = dataclasses.field(metadata=dict(static=True))
@@ -113,6 +116,19 @@ class Int4Weight:
         if self.fmt != "u4_wgmma":
             raise ValueError(f"words_nk8 is the u4_wgmma format's, not {self.fmt!r}'s")
         return untile_wgmma(self.q_packed) if self.tile_n else self.q_packed
+
+    @property
+    def plain_scales(self) -> jax.Array:
+        """The scales as ``float16 [K // group_size, N]`` (a transpose if tiled)."""
+        return self._plain(self.scales_gn)
+
+    @property
+    def plain_zeros(self) -> jax.Array:
+        """The zero points as ``float16 [K // group_size, N]`` (a transpose if tiled)."""
+        return self._plain(self.zeros_gn)
+
+    def _plain(self, a: jax.Array) -> jax.Array:
+        return untile_groups(a) if self.fmt == "u4_wgmma" and self.tile_n else a
 
     def codes_nk(self) -> jax.Array:
         """The unsigned codes ``q`` as ``uint8 [N, K]``, whatever the format."""
@@ -244,9 +260,24 @@ def untile_wgmma(tiles: jax.Array) -> jax.Array:
     return tiles.transpose(0, 2, 1, 3).reshape(nt * tn, kt * tk)
 
 
-def wgmma_tileable(k: int, n: int) -> bool:
-    """Whether a ``[K, N]`` u4_wgmma weight cuts into the tiled format's tiles."""
-    return n % WGMMA_TILE_N == 0 and k % WGMMA_TILE_K == 0
+def tile_groups(a_gn: jax.Array, group_size: int) -> jax.Array:
+    """Scales or zero points ``[K / G, N]`` -> tiled ``[N / 128, K / 256, 256 / G, 128]``:
+    the groups of each 128 x 256 weight tile in one contiguous block."""
+    gk, n = a_gn.shape
+    per = WGMMA_TILE_K // group_size
+    return a_gn.reshape(gk // per, per, n // WGMMA_TILE_N, WGMMA_TILE_N).transpose(2, 0, 1, 3)
+
+
+def untile_groups(tiles: jax.Array) -> jax.Array:
+    """Inverse of :func:`tile_groups`: ``[K / G, N]``."""
+    nt, kt, per, tn = tiles.shape
+    return tiles.transpose(1, 2, 0, 3).reshape(kt * per, nt * tn)
+
+
+def wgmma_tileable(k: int, n: int, group_size: int) -> bool:
+    """Whether a ``[K, N]`` u4_wgmma weight cuts into the tiled format's tiles (its
+    groups too: G divides 256)."""
+    return n % WGMMA_TILE_N == 0 and k % WGMMA_TILE_K == 0 and WGMMA_TILE_K % group_size == 0
 
 
 def tile_codes(q_nk2: jax.Array, group_size: int, tile_n: int) -> jax.Array:
@@ -299,15 +330,18 @@ def prepare_weight(
         if group_size % WGMMA_CHUNK or k % WGMMA_CHUNK:
             raise ValueError(f"fmt='u4_wgmma' needs group_size and K multiples of {WGMMA_CHUNK}")
         if tile_n is None:
-            tile_n = WGMMA_TILE_N if wgmma_tileable(k, n) else 0
-        if tile_n not in (0, WGMMA_TILE_N) or (tile_n and not wgmma_tileable(k, n)):
+            tile_n = WGMMA_TILE_N if wgmma_tileable(k, n, group_size) else 0
+        if tile_n not in (0, WGMMA_TILE_N) or (tile_n and not wgmma_tileable(k, n, group_size)):
             raise ValueError(
                 f"a u4_wgmma weight is tiled {WGMMA_TILE_N} x {WGMMA_TILE_K} (tile_n="
-                f"{WGMMA_TILE_N}, N and K multiples of those) or not (0); got {tile_n=} "
-                f"for K={k}, N={n}"
+                f"{WGMMA_TILE_N}, N and K multiples of those, group_size dividing "
+                f"{WGMMA_TILE_K}) or not (0); got {tile_n=} for K={k}, N={n}, {group_size=}"
             )
         q_packed = pack_wgmma(q_kn.T.astype(jnp.uint8))
-        q_packed = tile_wgmma(q_packed) if tile_n else q_packed
+        if tile_n:
+            q_packed = tile_wgmma(q_packed)
+            scales_gn = tile_groups(scales_gn, group_size)
+            zeros_gn = tile_groups(zeros_gn, group_size)
     elif fmt == "s4":
         tile_n, q_packed = 0, (q_kn.T.astype(jnp.int8) - 8).astype(jnp.int4)
     else:

@@ -296,6 +296,33 @@ def w_block(rows: int, bk: int, w_gmem) -> tuple:
     )
 
 
+def sz_block(rows: int, bk: int, g: int, sz_gmem) -> tuple:
+    """(block shape, index map of step ``(ni, kk)``) of the scales' and zero points' copy
+    for `w_block`'s weight block: ``[bk / g, rows]`` of ``[K / G, N]``; tiled
+    (``[N / 128, K / 256, 256 / G, 128]``) the same values, ``[bk / 256, 256 / G, rows]``
+    where a step spans several tiles along K (`group_ref` finds a group in either)."""
+    if len(sz_gmem.shape) == 2:
+        return (bk // g, rows), lambda ni, kk: (kk, ni)
+    per_n = WGMMA_TILE_N // rows
+    if bk >= WGMMA_TILE_K:
+        kt = bk // WGMMA_TILE_K
+        block = (None, None if kt == 1 else kt, WGMMA_TILE_K // g, rows)
+        return block, lambda ni, kk: (ni // per_n, kk, 0, ni % per_n)
+    per_k = WGMMA_TILE_K // bk
+    return (
+        (None, None, bk // g, rows),
+        lambda ni, kk: (ni // per_n, kk // per_k, kk % per_k, ni % per_n),
+    )
+
+
+def group_ref(sz_smem, gi: int):
+    """Group ``gi`` of a step's scales or zero points (`sz_block`): a ``[rows]`` ref."""
+    if len(sz_smem.shape) == 3:  # [tiles along K, groups per tile, rows]
+        per = sz_smem.shape[1]
+        return sz_smem.at[gi // per, gi % per]
+    return sz_smem.at[gi]
+
+
 def tiled_transforms(row_bytes: int, bits: int) -> tuple:
     return tiled(swizzle_for(row_bytes), bits)
 
@@ -555,7 +582,7 @@ def _kernel(
     def body(idx, w_smem, x_smem, s_smem, z_smem, acc):
         w_tile = load_words(w_smem)
         for gi in range(bk // g):
-            wq = dequant_group(w_tile, z_smem.at[gi], gi, g, dtype)
+            wq = dequant_group(w_tile, group_ref(z_smem, gi), gi, g, dtype)
             if cfg.a_in_smem:
                 a_smem[0][...] = wq
                 plgpu.commit_smem()
@@ -569,15 +596,15 @@ def _kernel(
                 return acc_ref[...]  # waits for the chain
 
             acc_g = pl.run_scoped(group_dot, plgpu.ACC((bn, bm), jnp.float32))
-            s = plgpu.load(s_smem.at[gi], layout=row).astype(jnp.float32)
+            s = plgpu.load(group_ref(s_smem, gi), layout=row).astype(jnp.float32)
             acc = acc + lax.broadcast_in_dim(s, acc.shape, [0]) * acc_g
         return acc
 
     def body_scaled(acc_ref, idx, w_smem, x_smem, s_smem, z_smem):
         w_tile = load_words(w_smem)
         for gi in range(bk // g):
-            s = plgpu.load(s_smem.at[gi], layout=row).astype(dtype)
-            wq = dequant_group(w_tile, z_smem.at[gi], gi, g, dtype)
+            s = plgpu.load(group_ref(s_smem, gi), layout=row).astype(dtype)
+            wq = dequant_group(w_tile, group_ref(z_smem, gi), gi, g, dtype)
             wq = wq * lax.broadcast_in_dim(s, wq.shape, [0])  # (q - z) * s in x.dtype
             for j in range(g // x_elems):
                 cols = slice(j * x_elems, (j + 1) * x_elems)
@@ -587,6 +614,7 @@ def _kernel(
 
     k0 = ki * steps
     w_shape, w_index, w_transforms = w_block(bn, bk, w_gmem)
+    sz_shape, sz_index = sz_block(bn, bk, g, s_gmem)
 
     release = 1 if cfg.scale_in_dequant else 0
     specs = [
@@ -602,8 +630,8 @@ def _kernel(
             transforms=tiled(x_swizzle, 16),
             delay_release=release,
         ),
-        plgpu.BlockSpec((bk // g, bn), lambda i: (k0 + i, ni), delay_release=release),
-        plgpu.BlockSpec((bk // g, bn), lambda i: (k0 + i, ni), delay_release=release),
+        plgpu.BlockSpec(sz_shape, lambda i: sz_index(ni, k0 + i), delay_release=release),
+        plgpu.BlockSpec(sz_shape, lambda i: sz_index(ni, k0 + i), delay_release=release),
     ]
     if cfg.scale_in_dequant:
 

@@ -41,8 +41,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.layout import WGMMA_CHUNK, Int4Weight
 from pallas_kernels.pallas_mosaic_gpu import (
     dequant_group,
+    group_ref,
     load_words,
     swizzle_for,
+    sz_block,
     tiled,
     tiled_problems,
     w_block,
@@ -175,7 +177,7 @@ def _kernel(
         ni, mi = _tile_of(t % (n_tiles * m_tiles), n_tiles, m_tiles, cfg.group_m)
         k0 = ki * steps
         w_shape, w_index, w_transforms = w_block(_CONSUMERS * bn, bk, w_gmem)
-        sz = (bk // g, _CONSUMERS * bn)
+        sz_shape, sz_index = sz_block(_CONSUMERS * bn, bk, g, s_gmem)
         return (ki, ni, mi), plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(steps,),
@@ -183,8 +185,8 @@ def _kernel(
             in_specs=[
                 plgpu.BlockSpec(w_shape, lambda k: w_index(ni, k0 + k), transforms=w_transforms),
                 plgpu.BlockSpec((bm, bk), lambda k: (mi, k0 + k), transforms=tiled(128, 16)),
-                plgpu.BlockSpec(sz, lambda k: (k0 + k, ni)),
-                plgpu.BlockSpec(sz, lambda k: (k0 + k, ni)),
+                plgpu.BlockSpec(sz_shape, lambda k: sz_index(ni, k0 + k)),
+                plgpu.BlockSpec(sz_shape, lambda k: sz_index(ni, k0 + k)),
             ],
             wg_axis="wg",
             num_compute_wgs=_CONSUMERS,
@@ -197,8 +199,8 @@ def _kernel(
         rows = pl.ds(wg * bn, bn)
         w_tile = load_words(w_smem, rows)
         for gi in range(bk // g):
-            s = plgpu.load(s_smem.at[gi, rows], layout=row).astype(dtype)
-            wq = dequant_group(w_tile, z_smem.at[gi, rows], gi, g, dtype)
+            s = plgpu.load(group_ref(s_smem, gi).at[rows], layout=row).astype(dtype)
+            wq = dequant_group(w_tile, group_ref(z_smem, gi).at[rows], gi, g, dtype)
             wq = wq * lax.broadcast_in_dim(s, wq.shape, [0])  # (q - z) * s in x.dtype
             for j in range(g // x_elems):
                 cols = slice(j * x_elems, (j + 1) * x_elems)

@@ -19,8 +19,8 @@ def _dequantize_planes(w: Int4Weight, dtype: jnp.dtype) -> tuple[jax.Array, jax.
     """The two nibble planes dequantized: ``[N, groups, G/2]`` each (first/second halves)."""
     g, h = w.num_groups, w.group_size // 2
     p_ngh = w.q_nk2.reshape(w.n, g, h)
-    z_ng1 = w.zeros_gn.T.astype(jnp.float32)[:, :, None]
-    s_ng1 = w.scales_gn.T.astype(jnp.float32)[:, :, None]
+    z_ng1 = w.plain_zeros.T.astype(jnp.float32)[:, :, None]
+    s_ng1 = w.plain_scales.T.astype(jnp.float32)[:, :, None]
     lo = ((p_ngh & 0xF).astype(jnp.float32) - z_ng1) * s_ng1
     hi = ((p_ngh >> 4).astype(jnp.float32) - z_ng1) * s_ng1
     return lo.astype(dtype), hi.astype(dtype)
@@ -33,8 +33,8 @@ def _dequantize_s4(w: Int4Weight, dtype: jnp.dtype) -> jax.Array:
     else:
         q, offset = w.codes_nk(), 0.0
     q_ngG = q.astype(jnp.float32).reshape(w.n, w.num_groups, w.group_size)
-    zc = (w.zeros_gn.T.astype(jnp.float32) - offset)[:, :, None]
-    s = w.scales_gn.T.astype(jnp.float32)[:, :, None]
+    zc = (w.plain_zeros.T.astype(jnp.float32) - offset)[:, :, None]
+    s = w.plain_scales.T.astype(jnp.float32)[:, :, None]
     return ((q_ngG - zc) * s).astype(dtype).reshape(w.n, w.k)
 
 
@@ -58,8 +58,8 @@ def _dequantize_stored_wgmma(w: Int4Weight, dtype: jnp.dtype) -> jax.Array:
     """
     q = stored_codes_wgmma(w.words_nk8).astype(jnp.float32)
     q = q.reshape(w.n, w.num_groups, w.group_size)
-    z = w.zeros_gn.T.astype(jnp.float32)[:, :, None]
-    s = w.scales_gn.T.astype(jnp.float32)[:, :, None]
+    z = w.plain_zeros.T.astype(jnp.float32)[:, :, None]
+    s = w.plain_scales.T.astype(jnp.float32)[:, :, None]
     return ((q - z) * s).astype(dtype).reshape(w.n, w.k)
 
 

@@ -214,7 +214,7 @@ def ncu_target(k: int, n: int, g: int) -> None:
     calls = [
         jax.jit(jnp.dot),
         jax.jit(api.int4_matmul),
-        functools.partial(_call_probe, s=w.scales_gn, z=w.zeros_gn, p=p, k=k, n=n, g=g),
+        functools.partial(_call_probe, s=w.plain_scales, z=w.plain_zeros, p=p, k=k, n=n, g=g),
     ]
     operands = [(x, prob.w16_kn[0]), (x, w), (x, words)]
     jax.block_until_ready([f(*a) for f, a in zip(calls, operands, strict=True)])  # compile
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 ws = _weights(p, k, n, count, jax.random.key(si))
                 call = functools.partial(
-                    _call_probe, s=first.scales_gn, z=first.zeros_gn, p=p, k=k, n=n, g=g
+                    _call_probe, s=first.plain_scales, z=first.plain_zeros, p=p, k=k, n=n, g=g
                 )
                 _, rec["us"], _ = bench.check_and_time(call, [x], ws, None)
                 rec["tbps"] = nbytes / rec["us"] / 1e6

@@ -67,7 +67,7 @@ def random_swiglu_weight(rng: np.random.Generator, k: int, f: int, group_size: i
     """A gate/up pair interleaved for ``epilogue="swiglu"``; returns (Int4Weight of N = 2f,
     float64 gate [K, f], float64 up [K, f])."""
     w, w_kn = random_weight(rng, k, 2 * f, group_size, fmt=fmt)  # its codes, re-laid out:
-    q, s, z = (np.asarray(a) for a in (w.codes_nk().T, w.scales_gn, w.zeros_gn))
+    q, s, z = (np.asarray(a) for a in (w.codes_nk().T, w.plain_scales, w.plain_zeros))
     il = lambda a: layout.interleave_gate_up(jnp.asarray(a[:, :f]), jnp.asarray(a[:, f:]))  # noqa: E731
     w = prepare_weight(il(q), il(s), il(z), group_size=group_size, fmt=fmt)
     return w, w_kn[:, :f], w_kn[:, f:]
@@ -698,6 +698,14 @@ class TestLayoutAndApi:
         assert rows.q_packed.shape == (256, 32)
         np.testing.assert_array_equal(tiled.words_nk8, rows.q_packed)
         np.testing.assert_array_equal(tiled.codes_nk(), q2.T)
+        # the scales and zero points tiled with the codes: a 128 x 256 tile's groups together
+        s_gn = np.arange(2 * 256, dtype=np.float16).reshape(2, 256)
+        st = prepare_weight(jnp.asarray(q2), s_gn, zeros2, group_size=128, fmt="u4_wgmma")
+        assert st.scales_gn.shape == (2, 1, 2, 128)
+        np.testing.assert_array_equal(st.scales_gn[1, 0, 1], s_gn[1, 128:])
+        np.testing.assert_array_equal(st.plain_scales, s_gn)
+        np.testing.assert_array_equal(st.plain_zeros, np.zeros((2, 256)))
+        np.testing.assert_array_equal(rows.plain_scales, rows.scales_gn)
         with pytest.raises(ValueError, match="fmt"):
             prepare_weight(jnp.asarray(q), ones, zeros, group_size=128, fmt="u8")
         with pytest.raises(ValueError, match="128"):

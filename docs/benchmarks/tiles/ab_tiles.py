@@ -10,10 +10,14 @@ o_proj and down_proj with ``partial_sums``, gate_up with the SwiGLU epilogue) an
 M = 128 and 2048 (the warp-specialized kernel), CUPTI, weights rotated past the L2.
 ``model``: batch-1 generate of the 8B-shaped int4 model (prompt 128, 256 new tokens,
 median of 5) with each order in turn, greedy tokens compared with the first variant's.
-Writes ``$OUT/ab_tiles_{kernels,model}.json`` and prints a table.
+Writes ``$OUT/ab_tiles_{kernels,model}.json`` and prints a table. ``kernels ORDERS MS``
+times one order alone (``kernels tiles 1,16``), e.g. main's code against a branch's in
+two processes (``PYTHONPATH=$PWD/ab_main:$PWD``, ``AB_TAG=-main`` names the JSON file),
+with each output's SHA-1 to compare them bitwise.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -40,7 +44,13 @@ def rows(w: Int4Weight) -> Int4Weight:
     """The same weight in the ``[N, K / 8]`` rows order."""
     if not w.tile_n:
         return w
-    return dataclasses.replace(w, q_packed=untile_wgmma(w.q_packed), tile_n=0)
+    return dataclasses.replace(
+        w,
+        q_packed=untile_wgmma(w.q_packed),
+        scales_gn=w.plain_scales,
+        zeros_gn=w.plain_zeros,
+        tile_n=0,
+    )
 
 
 def model_call(name: str, m: int):
@@ -51,14 +61,16 @@ def model_call(name: str, m: int):
     return lambda x, w: api.int4_matmul(x, w, partial_sums=True)
 
 
-def kernels() -> None:
+def kernels(order_names=("rows", "tiles"), ms=(1, 16, 128, 2048)) -> None:
     recs = []
     for si, (name, (k, n)) in enumerate(SHAPES.items()):
         prob = bench.make_problem(k, n, 128, seed=si, fmts=("u4_wgmma",))
         tiles = prob.w4["u4_wgmma"]
         assert tiles[0].tile_n == 128, tiles[0].tile_n
-        orders = {"rows": [rows(w) for w in tiles], "tiles": tiles}
-        for m in (1, 16, 128, 2048):
+        orders = {"tiles": tiles} if order_names == ("tiles",) else {}
+        if not orders:
+            orders = {"rows": [rows(w) for w in tiles], "tiles": tiles}
+        for m in ms:
             xs = bench.make_xs(m, k, 4, si)
             ref = jnp.dot(xs[0].astype(jnp.float32), prob.ref_w_nk.T, precision="highest")
             outs = {}
@@ -69,13 +81,23 @@ def kernels() -> None:
                 _, us, _ = bench.check_and_time(model_call(name, m), xs, ws, None)
                 rec = {"layer": name, "k": k, "n": n, "m": m, "order": order, "us": us}
                 rec["rel_err"] = err
+                # compares outputs across processes (main's code against a branch's)
+                rec["sha1"] = hashlib.sha1(outs[order].tobytes()).hexdigest()[:12]
                 recs.append(rec)
                 print(f"{name} {k}x{n} M={m} {order}: {us:.2f} us, rel_err {err:.2e}", flush=True)
-            same = bool(np.array_equal(outs["rows"], outs["tiles"]))
-            recs[-1]["same_as_rows"] = recs[-2]["same_as_rows"] = same
-            print(f"  tiles == rows bitwise: {same}", flush=True)
+            if len(outs) == 2:
+                same = bool(np.array_equal(outs["rows"], outs["tiles"]))
+                recs[-1]["same_as_rows"] = recs[-2]["same_as_rows"] = same
+                print(f"  tiles == rows bitwise: {same}", flush=True)
         del prob, tiles, orders
-    (OUT / "ab_tiles_kernels.json").write_text(json.dumps(recs, indent=1))
+    tag = os.environ.get("AB_TAG", "")
+    (OUT / f"ab_tiles_kernels{tag}.json").write_text(json.dumps(recs, indent=1))
+    if len(order_names) == 1:
+        print(f"\n| layer | K x N | M | {order_names[0]} us | output sha1 |")
+        print("|---|---|---:|---:|---|")
+        for a in recs:
+            print(f"| {a['layer']} | {a['k']}x{a['n']} | {a['m']} | {a['us']:.2f} | {a['sha1']} |")
+        return
     print("\n| layer | K x N | M | rows us | tiles us | tiles / rows | bitwise |")
     print("|---|---|---:|---:|---:|---:|---|")
     for a, b in zip(recs[::2], recs[1::2], strict=True):
@@ -127,6 +149,13 @@ def model(names: list[str]) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "kernels":
-        kernels()
+        # kernels [ORDERS [MS]]: e.g. "kernels tiles 1,16"
+        names = tuple(sys.argv[2].split(",")) if len(sys.argv) > 2 else ("rows", "tiles")
+        ms = (
+            tuple(int(v) for v in sys.argv[3].split(","))
+            if len(sys.argv) > 3
+            else (1, 16, 128, 2048)
+        )
+        kernels(names, ms)
     else:
         model(sys.argv[2].split(","))
