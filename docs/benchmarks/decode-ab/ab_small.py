@@ -4,6 +4,9 @@ the 8B-shaped int4 model, greedy tokens compared with the first variant's. On th
 
     PYTHONPATH=$PWD python3 docs/benchmarks/decode-ab/ab_small.py \\
         dispatch,norm4,norm16,att8,att2st,norm4+att8,dispatch
+
+Run 104 added ``norm32`` (then 32 warps became dispatch's at 4096 wide; dispatch was 8):
+``dispatch,norm16,dispatch,norm16,norm4`` and ``norm16,norm32,norm16,norm32,dispatch``.
 """
 
 import dataclasses
@@ -27,6 +30,7 @@ V = {
     "dispatch": (onw, adc),
     "norm4": (lambda b: 4, adc),
     "norm16": (lambda b: 16, adc),
+    "norm32": (lambda b: 32, adc),
     "att8": (onw, att(num_warps=8)),
     "att2st": (onw, att(num_stages=2)),
     "norm4+att8": (lambda b: 4, att(num_warps=8)),
