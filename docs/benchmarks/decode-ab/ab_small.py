@@ -1,24 +1,28 @@
 """In-model A/B of the decode step's small Triton kernels (run 68; docs/kernels.md): warps
-of add + RMSNorm and of decode attention, attention pipeline stages; batch-1 generate of
-the 8B-shaped int4 model, greedy tokens compared with the first variant's. On the device:
+of add + RMSNorm and of decode attention, attention pipeline stages and splits; batch-1
+generate of the 8B-shaped int4 model (``bf16`` as a second argument: the bf16 model too),
+greedy tokens compared with the first variant's. On the device:
 
     PYTHONPATH=$PWD python3 docs/benchmarks/decode-ab/ab_small.py \\
         dispatch,norm4,norm16,att8,att2st,norm4+att8,dispatch
 
 Run 104 added ``norm32`` (then 32 warps became dispatch's at 4096 wide; dispatch was 8):
 ``dispatch,norm16,dispatch,norm16,norm4`` and ``norm16,norm32,norm16,norm32,dispatch``.
+``att2w``, ``att6s``, ``att8s``, ``att12s`` (2 warps; 6, 8, 12 splits of batch 1's keys
+instead of 4: shorter splits spread the cache's loads over more SMs, run 104's reading of
+the norm) are not yet run.
 """
 
 import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 
 from awq_jax import bench_generate as bg
 from pallas_kernels import attention, norm
 
 config = bg.LLAMA3_8B
-int4 = bg.random_int4(config, bg.random_params(config))
 onw, adc = norm._num_warps, attention.default_config
 
 
@@ -29,10 +33,15 @@ def att(**ch):
 V = {
     "dispatch": (onw, adc),
     "norm4": (lambda b: 4, adc),
+    "norm8": (lambda b: 8, adc),
     "norm16": (lambda b: 16, adc),
     "norm32": (lambda b: 32, adc),
     "att8": (onw, att(num_warps=8)),
+    "att2w": (onw, att(num_warps=2)),
     "att2st": (onw, att(num_stages=2)),
+    "att6s": (onw, att(splits=6)),
+    "att8s": (onw, att(splits=8)),
+    "att12s": (onw, att(splits=12)),
     "norm4+att8": (lambda b: 4, att(num_warps=8)),
 }
 
@@ -41,6 +50,10 @@ def apply(name):
     norm._num_warps, attention.default_config = V[name]
 
 
-recs = bg.ab_decode(config, int4, sys.argv[1].split(","), apply)
-with open(os.path.join(os.environ.get("OUT", "/tmp"), "ab_small.json"), "w") as f:
-    json.dump(recs, f, indent=1)
+names = sys.argv[1].split(",")
+out = Path(os.environ.get("OUT", "/tmp"))
+if sys.argv[2:] == ["bf16"]:
+    bg.ab_decode_int4_bf16(config, names, apply, out / "ab_small.json")
+else:
+    recs = bg.ab_decode(config, bg.random_int4(config, bg.random_params(config)), names, apply)
+    (out / "ab_small.json").write_text(json.dumps(recs, indent=1))
