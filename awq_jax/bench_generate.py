@@ -15,7 +15,10 @@ the next linear's weight: the A/B of that mechanism; the same as ``int4`` on a p
 
 Timing: wall clock around a whole jitted call after a warm-up call (each call runs thousands of
 kernels, so dispatch overhead is negligible), median of ``repeats``. Prefill is timed alone;
-decode time = generate(prompt, 256 new tokens) - prefill, over 256 decode steps.
+decode time = generate(prompt, 256 new tokens) - prefill, over 256 decode steps. With
+``--rounds N`` every case runs N times, the implementations in turn within a round (bf16's
+tokens/s moved ~1% between two runs a minute apart on one H100, run 104), and the table
+gives the medians.
 """
 
 from __future__ import annotations
@@ -168,55 +171,55 @@ def run_generate(
     config: ModelConfig = LLAMA3_8B,
     impls: tuple[str, ...] = IMPLS,
     cases: tuple[tuple[int, int], ...] = DEFAULT_CASES,
+    rounds: int = 1,
 ) -> list:
-    """Generate throughput per (implementation, batch, prompt length); see the module doc."""
+    """Generate throughput per (implementation, batch, prompt length); see the module doc.
+
+    Every implementation's weights stay on the device together, and each case is measured
+    ``rounds`` times with the implementations in turn within a round (int4 next to bf16
+    seconds apart, so a drift of the clocks moves both); each round is a record
+    (``"round"``), the table gives the median of each."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     new_tokens = 256
     xla_cases = {(1, 128), (32, 128)}
     if quick:
         cases, xla_cases = ((1, 128), (32, 128)), {(1, 128)}
-    # One set of weights on the device at a time (an 8B model is 16 GB in bf16): the int4
-    # variants share one repacked weight (only the static implementation differs).
     params = random_params(config)
-    int4 = random_int4(config, params)
-    xla_int4 = _with_xla(int4)
-    int4_noprefetch = _replace_int4(int4, prefetch=None)
-    records = []
-
-    def measure(impl: str, p: dict) -> None:
-        wb = weight_bytes(p)
-        wb_lin = weight_bytes(p, linear_only=True)
-        for batch, prompt_len in cases:
-            if impl == "xla_int4" and (batch, prompt_len) not in xla_cases:
-                continue
-            r = bench_generate_one(
-                config, p, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=3
-            )
-            rec = {
-                "model": "llama3-8b-shaped",
-                "dtype": "bfloat16" if impl == "bf16" else "int4",
-                "impl": impl,
-                "batch": batch,
-                "prompt_len": prompt_len,
-                "new_tokens": new_tokens,
-                "weight_bytes": wb,
-                "linear_weight_bytes": wb_lin,
-                **r,
-            }
-            records.append(rec)
-            print(json.dumps(rec), flush=True)
-
-    if "int4" in impls:
-        measure("int4", int4)
-    if "int4_noprefetch" in impls:
-        measure("int4_noprefetch", int4_noprefetch)
-    if "xla_int4" in impls:
-        measure("xla_int4", xla_int4)
-    del int4, xla_int4, int4_noprefetch
+    weights: dict[str, Any] = {}
+    if set(impls) - {"bf16"}:  # the int4 variants share one repacked weight
+        int4 = random_int4(config, params)
+        variants = {"int4": int4, "xla_int4": _with_xla(int4)}
+        variants["int4_noprefetch"] = _replace_int4(int4, prefetch=None)
+        weights |= {i: variants[i] for i in impls if i in variants}
     if "bf16" in impls:
-        bf16 = prepare_for_inference(params)
-        del params
-        measure("bf16", bf16)
-    records.sort(key=lambda r: (r["prompt_len"], r["batch"], r["impl"] != "bf16"))
+        weights["bf16"] = prepare_for_inference(params)
+    del params  # an 8B model is 16 GB in bf16: the unfused copy goes before measuring
+    records = []
+    for rnd in range(rounds):
+        for batch, prompt_len in cases:
+            for impl in impls:
+                if impl == "xla_int4" and (batch, prompt_len) not in xla_cases:
+                    continue
+                p = weights[impl]
+                r = bench_generate_one(
+                    config, p, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=3
+                )
+                rec = {
+                    "model": "llama3-8b-shaped",
+                    "dtype": "bfloat16" if impl == "bf16" else "int4",
+                    "impl": impl,
+                    "batch": batch,
+                    "prompt_len": prompt_len,
+                    "new_tokens": new_tokens,
+                    "weight_bytes": weight_bytes(p),
+                    "linear_weight_bytes": weight_bytes(p, linear_only=True),
+                    **r,
+                    "round": rnd,
+                }
+                records.append(rec)
+                print(json.dumps(rec), flush=True)
+    records.sort(key=lambda r: (r["prompt_len"], r["batch"], r["impl"] != "bf16", r["round"]))
     _write(out, f"generate-{device_tag()}", records, _generate_table(records))
     return records
 
@@ -395,18 +398,32 @@ def _step_table(rec: dict) -> list[str]:
 
 
 def _generate_table(records: list[dict]) -> str:
-    base = {(r["batch"], r["prompt_len"]): r for r in records if r["impl"] == "bf16"}
+    """One row per (impl, batch, prompt): the median over its rounds (decode's range after
+    it where there are several); the ratio divides the medians."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["impl"], r["batch"], r["prompt_len"]), []).append(r)
+
+    def med(rs: list[dict], key: str) -> float:
+        return statistics.median(r[key] for r in rs)
+
     lines = [
         "| impl | batch | prompt | prefill tok/s | decode tok/s | ms/token | decode vs bf16 "
         "| weight GB (linear GB) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in records:
-        b = base.get((r["batch"], r["prompt_len"]))
-        ratio = f"{r['decode_tok_s'] / b['decode_tok_s']:.2f}x" if b else "-"
+    for (impl, batch, prompt), rs in groups.items():
+        base = groups.get(("bf16", batch, prompt))
+        decode = med(rs, "decode_tok_s")
+        ratio = f"{decode / med(base, 'decode_tok_s'):.2f}x" if base else "-"
+        spread = ""
+        if len(rs) > 1:
+            lo, hi = (f(r["decode_tok_s"] for r in rs) for f in (min, max))
+            spread = f" ({len(rs)} rounds: {lo:,.1f}-{hi:,.1f})"
+        r = rs[0]
         lines.append(
-            f"| {r['impl']} | {r['batch']} | {r['prompt_len']} | {r['prefill_tok_s']:,.0f} | "
-            f"{r['decode_tok_s']:,.1f} | {r['ms_per_token']:.2f} | {ratio} | "
+            f"| {impl} | {batch} | {prompt} | {med(rs, 'prefill_tok_s'):,.0f} | "
+            f"{decode:,.1f}{spread} | {med(rs, 'ms_per_token'):.2f} | {ratio} | "
             f"{r['weight_bytes'] / 1e9:.2f} ({r['linear_weight_bytes'] / 1e9:.2f}) |"
         )
     return "\n".join(lines)
@@ -474,7 +491,7 @@ def main(args) -> None:
                 cases = tuple(tuple(int(v) for v in c.split("x")) for c in args.cases.split(","))
             except ValueError as e:
                 raise ValueError(f"--cases takes BATCHxPROMPT,..., got {args.cases!r}") from e
-        run_generate(out, quick=args.quick, impls=impls, cases=cases)
+        run_generate(out, quick=args.quick, impls=impls, cases=cases, rounds=args.rounds)
     elif args.what == "profile":
         impls = tuple(args.impls.split(",")) if args.impls else ("int4", "bf16")
         unknown = set(impls) - set(IMPLS)

@@ -414,6 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate: comma-separated BATCHxPROMPT cases (default 1x128,8x128,"
         "32x128,1x2048,8x2048,32x2048)",
     )
+    p.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=1,
+        help="generate: measure every case this many times, the implementations in turn "
+        "within each round; the table gives the medians (default 1)",
+    )
     p.set_defaults(func=_cmd_bench)
     return parser
 

@@ -205,3 +205,25 @@ def test_profile_kernel_groups() -> None:
     assert _kernel_group("add_rms_norm__2") == "add + RMSNorm (Pallas)"
     assert _kernel_group("decode_attention") == "decode attention (Pallas)"
     assert _kernel_group("input_reduce_fusion_3") == "XLA reductions"
+
+
+def test_generate_table_gives_each_case_its_median() -> None:
+    """`bench generate --rounds N`: one row per (impl, case), the median of its rounds with
+    their range, the ratio of the medians."""
+    from awq_jax.bench_generate import _generate_table
+
+    def rec(impl: str, tok_s: float, rnd: int) -> dict:
+        return {
+            "impl": impl, "batch": 1, "prompt_len": 128, "decode_tok_s": tok_s,
+            "prefill_tok_s": 1e4, "ms_per_token": 1e3 / tok_s, "round": rnd,
+            "weight_bytes": 5.81e9, "linear_weight_bytes": 3.71e9,
+        }  # fmt: skip
+
+    rows = [rec("bf16", t, i) for i, t in enumerate((171.0, 168.0, 170.0))]
+    rows += [rec("int4", t, i) for i, t in enumerate((425.0, 424.0, 426.0))]
+    lines = _generate_table(rows).splitlines()
+    assert len(lines) == 4  # header, rule, one row per implementation
+    assert "| bf16 | 1 | 128 | 10,000 | 170.0 (3 rounds: 168.0-171.0) |" in lines[2]
+    assert "425.0 (3 rounds: 424.0-426.0)" in lines[3] and "| 2.50x |" in lines[3]
+    one = _generate_table([rec("bf16", 170.0, 0), rec("int4", 425.0, 0)]).splitlines()
+    assert "| 170.0 | 5.88 | 1.00x |" in one[2]  # a single round: no range
