@@ -107,7 +107,7 @@ def generate_tokens(
     model = Transformer(config)
     key_valid_bs = jnp.concatenate([valid_bt, jnp.ones((b, max_new_tokens), bool)], axis=1)
     lengths_b = valid_bt.sum(axis=-1).astype(jnp.int32)
-    eos = jnp.asarray(eos_ids if eos_ids else (-2,), jnp.int32)
+    eos = jnp.asarray(eos_ids, jnp.int32)
 
     logits_bv, cache = prefill(config, params, tokens_bt, valid_bt, t + max_new_tokens)
     key, sub = jax.random.split(key)
@@ -123,8 +123,11 @@ def generate_tokens(
 
     def body(state):
         i, token_b, cache, done_b, out, key = state
-        out = out.at[:, i].set(jnp.where(done_b, -1, token_b))
-        done_b = done_b | jnp.isin(token_b, eos)
+        if eos_ids:
+            out = out.at[:, i].set(jnp.where(done_b, -1, token_b))
+            done_b = done_b | jnp.isin(token_b, eos)
+        else:  # nothing stops a sequence: no stop flags (isin, or, select) to update
+            out = out.at[:, i].set(token_b)
         index = t + i
         mask = causal_mask(jnp.full((b, 1), index), key_valid_bs, config.sliding_window)
         logits, cache = model.apply(
