@@ -195,15 +195,26 @@ def run_generate(
     if "bf16" in impls:
         weights["bf16"] = prepare_for_inference(params)
     del params  # an 8B model is 16 GB in bf16: the unfused copy goes before measuring
+    sizes = {
+        i: {
+            "weight_bytes": weight_bytes(p),
+            "linear_weight_bytes": weight_bytes(p, linear_only=True),
+        }
+        for i, p in weights.items()
+    }
     records = []
     for rnd in range(rounds):
         for batch, prompt_len in cases:
             for impl in impls:
                 if impl == "xla_int4" and (batch, prompt_len) not in xla_cases:
                     continue
-                p = weights[impl]
                 r = bench_generate_one(
-                    config, p, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=3
+                    config,
+                    weights[impl],
+                    batch=batch,
+                    prompt_len=prompt_len,
+                    new_tokens=new_tokens,
+                    repeats=3,
                 )
                 rec = {
                     "model": "llama3-8b-shaped",
@@ -212,8 +223,7 @@ def run_generate(
                     "batch": batch,
                     "prompt_len": prompt_len,
                     "new_tokens": new_tokens,
-                    "weight_bytes": weight_bytes(p),
-                    "linear_weight_bytes": weight_bytes(p, linear_only=True),
+                    **sizes[impl],
                     **r,
                     "round": rnd,
                 }

@@ -152,19 +152,7 @@ def _tile_of(t, n_tiles: int, m_tiles: int, group_m: int):
 
 
 def _kernel(
-    x_gmem,
-    w_gmem,
-    s_gmem,
-    z_gmem,
-    o_gmem,
-    o_smem,
-    *,
-    g,
-    steps,
-    depth,
-    n_tiles,
-    m_tiles,
-    cfg,
+    x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, o_smem, *, g, steps, depth, n_tiles, m_tiles, cfg
 ):
     bn, bm, bk = cfg.block_n, cfg.block_m, cfg.block_k
     dtype = x_gmem.dtype
@@ -292,13 +280,7 @@ def int4_matmul_mosaic_ws(
     tiles = cfg.split_k * n_tiles * m_tiles
     kernel = plgpu.kernel(
         functools.partial(
-            _kernel,
-            g=g,
-            steps=steps,
-            depth=depth,
-            n_tiles=n_tiles,
-            m_tiles=m_tiles,
-            cfg=cfg,
+            _kernel, g=g, steps=steps, depth=depth, n_tiles=n_tiles, m_tiles=m_tiles, cfg=cfg
         ),
         out_type=out_type,
         grid=(min(tiles, _num_sms()) if cfg.persistent else tiles,),
