@@ -130,12 +130,17 @@ def ab_decode(config, params, names: list[str], apply, *, check_tokens: int = 48
     return recs
 
 
-def ab_decode_int4_bf16(config, names: list[str], apply, out_file: Path) -> dict:
-    """`ab_decode` on random int4 (RTN) and bf16 weights of ``config``; writes ``out_file``
-    (``{"int4": [...], "bf16": [...]}``) and prints a table."""
+def ab_decode_int4_bf16(
+    config, names: list[str], apply, out_file: Path, weights: tuple[str, ...] = ("int4", "bf16")
+) -> dict:
+    """`ab_decode` on random int4 (RTN) and/or bf16 weights of ``config`` (``weights``);
+    writes ``out_file`` (``{"int4": [...], "bf16": [...]}``) and prints a table."""
     params = random_params(config)
-    recs = {"int4": ab_decode(config, random_int4(config, params), names, apply)}
-    recs["bf16"] = ab_decode(config, prepare_for_inference(params), names, apply)
+    make = {
+        "int4": lambda: random_int4(config, params),
+        "bf16": lambda: prepare_for_inference(params),
+    }
+    recs = {w: ab_decode(config, make[w](), names, apply) for w in weights}
     out_file.write_text(json.dumps(recs, indent=1))
     print("\nweights   variant    tok/s  generate ms")
     for w, rs in recs.items():

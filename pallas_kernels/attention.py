@@ -108,8 +108,9 @@ MIN_KEYS_PER_SPLIT = 256
 FEW_PROGRAMS = 64
 # Up to this many programs (batch 1 of 8 kv heads) short caches still split this many
 # ways, down to blocks of 64 keys: decode steps stop at their own position, so the
-# splits past it cost one early exit each.
-BATCH1_PROGRAMS, BATCH1_SPLITS = 8, 4
+# splits past it cost one early exit each. At S = 384 that is 6 splits of one 64-key
+# block each (run 105: 431.2 tok/s against 4 splits' 425.7-426.1; 12 splits 424.3).
+BATCH1_PROGRAMS, BATCH1_SPLITS = 8, 8
 # Shared memory the loop's pipelined K and V blocks may take (H100: 227 KB per block):
 # num_stages x 2 x block_s x H x itemsize. bf16 at H = 128 fits 128-key blocks, f32 64.
 SMEM_BUDGET = 200 * 1024
@@ -139,7 +140,9 @@ def default_config(batch: int, kv_heads: int, seq: int) -> Config:
     56.2 with 2), batch 1 at 2048 / 4096 8 / 16 splits, batch 32 none (its 256 programs
     fill the GPU; 128-key steps were slower there: 22.9 against 19.9 at S = 384). Batch 1
     at S = 384 (run 50, in the 8B-shaped int4 generate loop, 128 + 256 tokens): 4 splits
-    of 64-key steps 387.5 tok/s, 2 splits 380.6, one split of 128-key steps 374.8-376.3.
+    of 64-key steps 387.5 tok/s, 2 splits 380.6, one split of 128-key steps 374.8-376.3;
+    run 105 (the same loop, 425.7-426.1 tok/s at 4 splits): 6 or 8 splits 431.2, 12 splits
+    424.3, so a batch-1 split holds one 64-key step where the cache allows.
     """
     programs = batch * kv_heads
     splits = min(max(1, TARGET_PROGRAMS // programs), max(1, seq // MIN_KEYS_PER_SPLIT))

@@ -433,7 +433,8 @@ class TestAttentionEdges:
         caches too; batch 32 does not; beyond batch 1 short caches keep >=
         MIN_KEYS_PER_SPLIT keys per split."""
         assert attention.default_config(1, 8, 4096).splits == 16
-        assert attention.default_config(1, 8, 384) == Config(block_s=64, splits=4)
+        assert attention.default_config(1, 8, 384) == Config(block_s=64, splits=6)
+        assert attention.default_config(1, 8, 256) == Config(block_s=64, splits=4)
         assert attention.default_config(1, 8, 100) == Config(block_s=128, splits=1)
         assert attention.default_config(8, 8, 384) == Config(block_s=128, splits=1)
         assert attention.default_config(8, 8, 2048) == Config(block_s=64, splits=4)
@@ -696,6 +697,7 @@ def test_generate_tokens_identical_through_the_kernels(kernels_forced) -> None:
 
 GPU_CASES = [
     (1, 384, 8, 4, 128, jnp.bfloat16, 0, None, Config()),
+    (1, 384, 8, 4, 128, jnp.bfloat16, 0, None, attention.default_config(1, 8, 384)),
     (1, 2048, 8, 4, 128, jnp.bfloat16, 0, None, attention.default_config(1, 8, 2048)),
     (8, 2051, 8, 4, 128, jnp.bfloat16, 100, 1024, Config(block_s=128, splits=4)),
     (32, 4096, 8, 4, 128, jnp.bfloat16, 7, None, attention.default_config(32, 8, 4096)),
@@ -735,14 +737,15 @@ class TestAttentionGpu(_AttentionCases):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 def test_gpu_split_counters_across_steps() -> None:
-    """Batch 1's split attention (4 programs per kv head, the last to arrive merges) as the
-    decode loop runs it: one counter through 20 steps of one jitted loop (each step
-    writes the same row, so each sees the same cache), every step's output the same bits
-    as a call with a fresh counter and close to the reference, the counter zero at the
-    end."""
+    """Batch 1's split attention (dispatch's 6 programs per kv head at S = 384, the last to
+    arrive merges) as the decode loop runs it: one counter through 20 steps of one jitted
+    loop (each step writes the same row, so each sees the same cache), every step's output
+    the same bits as a call with a fresh counter and close to the reference, the counter
+    zero at the end."""
     q, k, v, k_new, v_new = random_problem(5, 1, 384, 8, 4, 128, jnp.bfloat16)
     valid = jnp.ones((1, 384), bool)
-    cfg = Config(block_s=64, splits=4)
+    cfg = attention.default_config(1, 8, 384)
+    assert cfg == Config(block_s=64, splits=6)
     kw = dict(scale=128**-0.5, implementation="triton", config=cfg)
     step = jax.jit(functools.partial(decode_attention_update, **kw))
 

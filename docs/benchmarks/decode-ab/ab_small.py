@@ -1,6 +1,7 @@
 """In-model A/B of the decode step's small Triton kernels (run 68; docs/kernels.md): warps
 of add + RMSNorm and of decode attention, attention pipeline stages and splits; batch-1
-generate of the 8B-shaped int4 model (``bf16`` as a second argument: the bf16 model too),
+generate of the 8B-shaped int4 model (a second argument picks the weights: ``int4``,
+``bf16`` or ``int4,bf16``),
 greedy tokens compared with the first variant's. On the device:
 
     PYTHONPATH=$PWD python3 docs/benchmarks/decode-ab/ab_small.py \\
@@ -10,11 +11,12 @@ Run 104 added ``norm32`` (then 32 warps became dispatch's at 4096 wide; dispatch
 ``dispatch,norm16,dispatch,norm16,norm4`` and ``norm16,norm32,norm16,norm32,dispatch``.
 ``att2w``, ``att6s``, ``att8s``, ``att12s`` (2 warps; 6, 8, 12 splits of batch 1's keys
 instead of 4: shorter splits spread the cache's loads over more SMs, run 104's reading of
-the norm) are not yet run.
+the norm): run 105, which made 6 splits dispatch's at S = 384 (64-key steps up to 8
+splits). Then ``att1st`` (one pipeline stage: a split of one step has nothing to
+pipeline) and ``att12s32`` (12 splits of one 32-key step).
 """
 
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -42,6 +44,8 @@ V = {
     "att6s": (onw, att(splits=6)),
     "att8s": (onw, att(splits=8)),
     "att12s": (onw, att(splits=12)),
+    "att1st": (onw, att(num_stages=1)),
+    "att12s32": (onw, att(splits=12, block_s=32)),
     "norm4+att8": (lambda b: 4, att(num_warps=8)),
 }
 
@@ -51,9 +55,6 @@ def apply(name):
 
 
 names = sys.argv[1].split(",")
-out = Path(os.environ.get("OUT", "/tmp"))
-if sys.argv[2:] == ["bf16"]:
-    bg.ab_decode_int4_bf16(config, names, apply, out / "ab_small.json")
-else:
-    recs = bg.ab_decode(config, bg.random_int4(config, bg.random_params(config)), names, apply)
-    (out / "ab_small.json").write_text(json.dumps(recs, indent=1))
+weights = tuple(sys.argv[2].split(",")) if sys.argv[2:] else ("int4",)
+out = Path(os.environ.get("OUT", "/tmp")) / f"ab_small-{'-'.join(weights)}.json"
+bg.ab_decode_int4_bf16(config, names, apply, out, weights)
